@@ -1,0 +1,34 @@
+# Scribe: `make run` (install, train what is missing, serve on :8080) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+export PORT
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install train run test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Scribe needs Python >= 3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Train every model that has no pushed version yet (cpu profile), into models/.
+train: install
+	$(PY) -m training missing --profile cpu
+
+run: train
+	$(PY) -m serving
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check training serving client tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

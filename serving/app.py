@@ -1,0 +1,97 @@
+"""The Flask gateway: HTTP in, preprocess, gRPC Predict to the model server, JSON out.
+
+`create_app()` is the application factory (gunicorn: `serving.app:create_app()`). With no
+SCRIBE_MODEL_SERVER configured it starts the embedded model server in-process on loopback, so
+the gateway always talks TF Serving's gRPC API.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from flask import Flask, current_app, jsonify
+
+from serving.config import Settings
+from serving.errors import RETRY_AFTER_SECONDS, register_error_handlers
+from serving.metrics import install_metrics
+from serving.model_client import ModelClient
+from serving.model_server import RunningModelServer, read_model_config, start_model_server
+
+log = logging.getLogger("scribe.gateway")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    client: ModelClient
+    model_names: list[str]
+    embedded: RunningModelServer | None = None
+
+    def close(self) -> None:
+        self.client.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def gateway() -> Gateway:
+    return current_app.extensions["scribe"]
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    model_names = [m.name for m in read_model_config(settings.model_config).model_config_list.config]
+
+    embedded = None
+    target = settings.model_server
+    if not target:
+        embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
+                                      grpc_port=0, host="127.0.0.1",
+                                      poll_seconds=settings.poll_seconds)
+        target = f"127.0.0.1:{embedded.grpc_port}"
+        log.info("embedded model server on %s, models from %s", target, settings.model_dir)
+    app.extensions["scribe"] = Gateway(settings, ModelClient(target, settings.model_timeout_seconds),
+                                       model_names, embedded)
+
+    register_error_handlers(app)
+    install_metrics(app)
+    from serving.digits_api import digits
+
+    app.register_blueprint(digits)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(status="ok")
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify(models=[model_report(name) for name in gateway().model_names])
+
+    @app.get("/readyz")
+    def readyz():
+        reports = [model_report(name) for name in gateway().model_names]
+        ready = all(report["available"] for report in reports)
+        response = jsonify(ready=ready, models=reports)
+        if not ready:
+            response.status_code = 503
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    return app
+
+
+def model_report(name: str) -> dict:
+    """What the model server says about one model: its versions and whether one is AVAILABLE."""
+    try:
+        versions = gateway().client.status(name)
+    except grpc.RpcError as error:
+        reason = ("no version loaded" if error.code() == grpc.StatusCode.NOT_FOUND
+                  else f"model server: {error.code().name.lower()}")
+        return {"name": name, "available": False, "versions": [], "reason": reason}
+    available = [v["version"] for v in versions if v["state"] == "AVAILABLE"]
+    return {"name": name, "available": bool(available),
+            "serving_version": max(available) if available else None, "versions": versions}

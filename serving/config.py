@@ -1,0 +1,43 @@
+"""Gateway configuration: environment variables with documented defaults, read in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every field is read from the environment variable SCRIBE_<FIELD NAME> (PORT for port)."""
+
+    model_server: str = ""  # host:port of a TF Serving gRPC API; empty: start the embedded one
+    model_config: str = str(ROOT / "serving" / "models.config")
+    model_dir: str = str(ROOT / "models")  # local folder for the config's /models base paths
+    poll_seconds: float = 1.0  # embedded server: how often to look for new versions
+    model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # decompression bomb guard, checked before decoding
+    max_images: int = 64  # images per digits request
+    digits_model: str = "digits"
+    text_model: str = "bard"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    threads: int = 16
+
+    @classmethod
+    def from_env(cls, environ=os.environ, **overrides) -> Settings:
+        values = {}
+        for field in fields(cls):
+            name = "PORT" if field.name == "port" else f"SCRIBE_{field.name.upper()}"
+            if name in environ:
+                kind = {"int": int, "float": float}.get(field.type, str)
+                try:
+                    values[field.name] = kind(environ[name])
+                except ValueError:
+                    raise SystemExit(f"{name}={environ[name]!r} is not a valid {field.type}") from None
+        values.update(overrides)
+        return cls(**values)

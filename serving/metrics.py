@@ -1,0 +1,45 @@
+"""Prometheus metrics for the gateway: requests, latencies and errors per endpoint and status."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def install_metrics(app: Flask) -> CollectorRegistry:
+    registry = CollectorRegistry()  # one per app, so several apps can live in one process
+    requests = Counter("scribe_http_requests_total", "HTTP requests by endpoint and status",
+                       ["endpoint", "method", "status"], registry=registry)
+    errors = Counter("scribe_http_errors_total", "HTTP responses with status >= 400",
+                     ["endpoint", "status"], registry=registry)
+    latency = Histogram("scribe_http_request_seconds", "HTTP request latency by endpoint",
+                        ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+    app.extensions["model_call_seconds"] = Histogram(
+        "scribe_model_call_seconds", "gRPC calls to the model server", ["model", "outcome"],
+        buckets=LATENCY_BUCKETS, registry=registry)
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def record(response):
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        if endpoint != "/metrics":
+            requests.labels(endpoint, request.method, str(response.status_code)).inc()
+            if response.status_code >= 400:
+                errors.labels(endpoint, str(response.status_code)).inc()
+            if "started" in g:
+                latency.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return registry

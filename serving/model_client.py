@@ -1,0 +1,58 @@
+"""The gateway's calls to a TF Serving model server: a few honest lines of gRPC each."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ModelClient:
+    """One long-lived channel to the model server; every call has a deadline."""
+
+    def __init__(self, target: str, timeout: float):
+        self.target, self.timeout = target, timeout
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def predict(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
+                label: str | None = None, signature: str = "serving_default",
+                timeout: float | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Call Predict; returns the outputs and the version that answered."""
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = signature
+        if version is not None:
+            request.model_spec.version.value = version
+        elif label:
+            request.model_spec.version_label = label
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        response = self.predictions.Predict(request, timeout=timeout or self.timeout)
+        outputs = {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+        return outputs, response.model_spec.version.value
+
+    def status(self, model: str) -> list[dict]:
+        """Versions of `model` the server knows: [{"version", "state", "error"}], newest first."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model
+        response = self.models.GetModelStatus(request, timeout=self.timeout)
+        return [{"version": s.version, "state": STATE_NAMES.get(s.state, str(s.state)),
+                 "error": s.status.error_message}
+                for s in response.model_version_status]
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,73 @@
+"""python -m serving.model_server: a stand-in for tensorflow_model_server.
+
+Takes TF Serving's own flag names, so the command line of the tfserving service in
+docker-compose.yml runs here unchanged, plus --base_path_map to map the container's
+model base paths (/models/...) onto a local folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.model_server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
+    parser.add_argument("--rest_api_port", type=int, default=0,
+                        help="REST port; 0 disables REST, as in TF Serving (default 0)")
+    parser.add_argument("--model_config_file", help="ModelServerConfig in text format")
+    parser.add_argument("--model_name", default="default", help="single-model mode: its name")
+    parser.add_argument("--model_base_path", help="single-model mode: its base path")
+    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                        help="seconds between polls for new versions (default 1)")
+    parser.add_argument("--enable_model_warmup", type=_bool, default=True,
+                        help="accepted for compatibility: warmup records always run")
+    parser.add_argument("--base_path_map", action="append", default=[], metavar="FROM=TO",
+                        help="serve base path FROM (e.g. /models) from local folder TO")
+    args = parser.parse_args(argv)
+    if bool(args.model_config_file) == bool(args.model_base_path):
+        parser.error("give exactly one of --model_config_file and --model_base_path")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from serving.model_server import parse_base_path_map, start_model_server
+
+    config_file = args.model_config_file
+    if args.model_base_path:
+        config_file = Path(tempfile.mkdtemp()) / "models.config"
+        config_file.write_text(f'model_config_list {{ config {{ name: "{args.model_name}" '
+                               f'base_path: "{args.model_base_path}" model_platform: "tensorflow" }} }}')
+    try:
+        mapping = parse_base_path_map(args.base_path_map)
+        server = start_model_server(config_file, mapping, args.port,
+                                    args.rest_api_port or None, "0.0.0.0",
+                                    args.file_system_poll_wait_seconds)
+    except (OSError, ValueError) as error:
+        print(f"model server: {error}", file=sys.stderr)
+        return 1
+    rest = f", REST on port {server.rest_port}" if server.rest_port else ""
+    logging.getLogger("scribe.model_server").info("serving gRPC on port %d%s", server.grpc_port, rest)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""TF Serving's REST API (status, metadata, predict) over a ServableManager.
+
+Request and response formats follow TF Serving's documentation: "instances" (row format)
+or "inputs" (columnar format) in, "predictions" or "outputs" out, {"b64": ...} for bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import numpy as np
+from flask import Flask, jsonify, request
+from google.protobuf import json_format
+from tensorflow_serving.apis import get_model_metadata_pb2
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import make_server
+
+from serving.model_server.servables import ServableManager, ServingError
+
+STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
+               "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+def create_rest_app(manager: ServableManager) -> Flask:
+    app = Flask("scribe_model_server_rest")
+
+    @app.errorhandler(ServingError)
+    def serving_error(error: ServingError):
+        return jsonify(error=error.message), HTTP_STATUS.get(error.code, 500)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(error=error.description), error.code
+
+    def resolve(name, version=None, label=None):
+        return manager.servable(name, version, label)
+
+    @app.get("/v1/models/<name>")
+    @app.get("/v1/models/<name>/versions/<int:version>")
+    @app.get("/v1/models/<name>/labels/<label>")
+    def model_status(name, version=None, label=None):
+        if label:
+            version = resolve(name, label=label).version
+        return jsonify(model_version_status=[
+            {"version": str(v), "state": STATE_NAMES[state],
+             "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
+            for v, state, error in manager.status(name, version)])
+
+    @app.get("/v1/models/<name>/metadata")
+    @app.get("/v1/models/<name>/versions/<int:version>/metadata")
+    @app.get("/v1/models/<name>/labels/<label>/metadata")
+    def metadata(name, version=None, label=None):
+        servable = resolve(name, version, label)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature_def in servable.signature_defs.items():
+            signatures.signature_def[key].CopyFrom(signature_def)
+        return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
+                       metadata={"signature_def": json_format.MessageToDict(signatures)})
+
+    @app.post("/v1/models/<name>:predict")
+    @app.post("/v1/models/<name>/versions/<int:version>:predict")
+    @app.post("/v1/models/<name>/labels/<label>:predict")
+    def predict(name, version=None, label=None):
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ServingError("INVALID_ARGUMENT", "JSON Parse error: the body must be a JSON object")
+        servable = resolve(name, version, label)
+        signature = body.get("signature_name") or "serving_default"
+        if signature not in servable.signature_defs:
+            raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not found")
+        input_names = list(servable.signature_defs[signature].inputs)
+        if ("instances" in body) == ("inputs" in body):
+            raise ServingError("INVALID_ARGUMENT",
+                               "Missing 'inputs' or 'instances' key (exactly one is required)")
+        row_format = "instances" in body
+        inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
+            else _columns_to_inputs(body["inputs"], input_names)
+        outputs = servable.predict(signature, inputs)
+        if row_format:
+            return jsonify(predictions=_outputs_to_rows(outputs))
+        columns = {key: _to_json(value) for key, value in outputs.items()}
+        return jsonify(outputs=next(iter(columns.values())) if len(columns) == 1 else columns)
+
+    return app
+
+
+def _decode(value):
+    """JSON value -> Python value, turning {"b64": "..."} into bytes, recursively."""
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except ValueError:
+            raise ServingError("INVALID_ARGUMENT", "invalid base64 in a {\"b64\": ...} value") from None
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _array(value, name: str) -> np.ndarray:
+    try:
+        return np.array(_decode(value))
+    except ValueError:
+        raise ServingError("INVALID_ARGUMENT", f"input {name}: ragged or malformed tensor") from None
+
+
+def _rows_to_inputs(instances, input_names: list[str]) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list) or not instances:
+        raise ServingError("INVALID_ARGUMENT", "'instances' must be a non-empty list")
+    if all(isinstance(row, dict) and "b64" not in row for row in instances):
+        columns = {name: [row.get(name) for row in instances] for name in input_names}
+        if any(v is None for values in columns.values() for v in values):
+            raise ServingError("INVALID_ARGUMENT", f"every instance needs the inputs {input_names}")
+        return {name: _array(values, name) for name, values in columns.items()}
+    if len(input_names) != 1:
+        raise ServingError("INVALID_ARGUMENT", f"instances must be objects naming {input_names}")
+    return {input_names[0]: _array(instances, input_names[0])}
+
+
+def _columns_to_inputs(inputs, input_names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(inputs, dict) and not set(inputs) == {"b64"}:
+        return {name: _array(value, name) for name, value in inputs.items()}
+    if len(input_names) != 1:
+        raise ServingError("INVALID_ARGUMENT", f"inputs must be an object naming {input_names}")
+    return {input_names[0]: _array(inputs, input_names[0])}
+
+
+def _to_json(value: np.ndarray):
+    if value.dtype.kind in "SO":
+        def text(item):
+            try:
+                return item.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"b64": base64.b64encode(item).decode("ascii")}
+        return np.vectorize(text, otypes=[object])(value).tolist() if value.ndim else text(value.item())
+    return value.tolist()
+
+
+def _outputs_to_rows(outputs: dict[str, np.ndarray]):
+    columns = {key: _to_json(value) for key, value in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    batch = len(next(iter(columns.values())))
+    return [{key: column[i] for key, column in columns.items()} for i in range(batch)]
+
+
+def start_rest_server(manager: ServableManager, port: int, host: str = "0.0.0.0"):
+    """Serve the REST API in a background thread. Returns the server and its port."""
+    server = make_server(host, port, create_rest_app(manager), threaded=True)
+    threading.Thread(target=server.serve_forever, name="rest-api", daemon=True).start()
+    return server, server.server_port

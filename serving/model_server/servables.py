@@ -1,0 +1,267 @@
+"""Versions on disk -> loaded SavedModels, the way TF Serving's manager does it.
+
+Each configured model has a base path holding integer version directories. A poller finds
+them, applies the model's version policy, loads new versions (running their warmup records)
+before unloading old ones, so no request fails during a swap, and remembers versions that
+failed to load so the previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
+    FileSystemStoragePathSourceConfig,
+)
+
+log = logging.getLogger("scribe.model_server")
+
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+# TF Serving's ModelVersionStatus.State values.
+START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
+
+
+class ServingError(Exception):
+    """An error with a gRPC status code name (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Servable:
+    """One loaded version of one model."""
+
+    name: str
+    version: int
+    path: Path
+    model: object
+    signature_defs: dict  # name -> meta_graph_pb2.SignatureDef
+
+    def predict(self, signature: str, inputs: dict[str, np.ndarray],
+                output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
+        signature = signature or "serving_default"
+        if signature not in self.signature_defs:
+            raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not "
+                               f"found in signature def")
+        fn = self.model.signatures[signature]
+        expected = self.signature_defs[signature].inputs
+        missing = sorted(set(expected) - set(inputs))
+        extra = sorted(set(inputs) - set(expected))
+        if missing or extra:
+            raise ServingError("INVALID_ARGUMENT", f"input tensor alias not found in signature: "
+                               f"missing {missing}, unexpected {extra}")
+        try:
+            feed = {key: tf.constant(value, dtype=tf.dtypes.as_dtype(expected[key].dtype))
+                    for key, value in inputs.items()}
+            outputs = fn(**feed)
+        except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
+            raise ServingError("INVALID_ARGUMENT", _first_line(exc)) from None
+        wanted = output_filter or list(outputs)
+        unknown = [key for key in wanted if key not in outputs]
+        if unknown:
+            raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: "
+                               f"{unknown}")
+        return {key: outputs[key].numpy() for key in wanted}
+
+
+@dataclass
+class VersionState:
+    state: int
+    error: str = ""
+    mtime: float = 0.0
+
+
+@dataclass
+class ModelEntry:
+    config: model_server_config_pb2.ModelConfig
+    base_path: Path
+    loaded: dict = field(default_factory=dict)  # version -> Servable
+    states: dict = field(default_factory=dict)  # version -> VersionState
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_signature_defs(path: Path) -> dict:
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    defs = saved_model.meta_graphs[0].signature_def
+    return {name: defs[name] for name in defs if not name.startswith("__")}
+
+
+def load_servable(name: str, version: int, path: Path) -> Servable:
+    """Load a SavedModel and run its warmup records (if any) before it takes traffic."""
+    servable = Servable(name, version, path, tf.saved_model.load(str(path)),
+                        read_signature_defs(path))
+    warmup = path / WARMUP_FILE
+    if warmup.exists():
+        for record in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
+            entry = prediction_log_pb2.PredictionLog.FromString(record)
+            if entry.WhichOneof("log_type") == "predict_log":
+                request = entry.predict_log.request
+                servable.predict(request.model_spec.signature_name,
+                                 {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+    return servable
+
+
+class ServableManager:
+    """Keeps the versions that each model's version policy asks for loaded."""
+
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig,
+                 base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0):
+        self.poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.models: dict[str, ModelEntry] = {}
+        for model in config.model_config_list.config:
+            self.models[model.name] = ModelEntry(model, map_base_path(model.base_path, base_path_map))
+
+    # -- lookups used by the APIs ------------------------------------------------------
+    def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        entry = self.models.get(name)
+        if entry is None:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+        if label:
+            labels = dict(entry.config.version_labels)
+            if label not in labels:
+                raise ServingError("INVALID_ARGUMENT",
+                                   f"Unrecognized servable version label: {label}")
+            version = labels[label]
+        with self._lock:
+            if version:
+                servable = entry.loaded.get(version)
+                if servable is None:
+                    raise ServingError("NOT_FOUND", f"Servable not found for request: "
+                                                    f"Specific({name}, {version})")
+                return servable
+            if not entry.loaded:
+                raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+            return entry.loaded[max(entry.loaded)]
+
+    def status(self, name: str, version: int | None = None) -> list[tuple[int, int, str]]:
+        """(version, state, error message) for each version the manager knows, newest first."""
+        entry = self.models.get(name)
+        if entry is None:
+            raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
+        with self._lock:
+            states = {v: (s.state, s.error) for v, s in entry.states.items()}
+        if version:
+            if version not in states:
+                raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
+            states = {version: states[version]}
+        if not states:
+            raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
+        return [(v, *states[v]) for v in sorted(states, reverse=True)]
+
+    def is_available(self, name: str) -> bool:
+        entry = self.models.get(name)
+        return bool(entry and entry.loaded)
+
+    # -- polling -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll_forever, name="version-poller",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def wait_until_available(self, names: list[str] | None = None, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.is_available(n) for n in (names or self.models)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _poll_forever(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.poll_seconds)
+
+    def poll_once(self) -> None:
+        for entry in self.models.values():
+            try:
+                self._reconcile(entry)
+            except Exception:  # a poll must never kill the poller
+                log.exception("polling %s failed", entry.config.name)
+
+    def _reconcile(self, entry: ModelEntry) -> None:
+        name = entry.config.name
+        on_disk = _versions_on_disk(entry.base_path)
+        loadable = {v: mtime for v, mtime in on_disk.items()
+                    if not (v in entry.states and entry.states[v].error
+                            and entry.states[v].mtime == mtime)}
+        wanted = _apply_policy(entry.config.model_version_policy, sorted(loadable))
+        for version in sorted(set(wanted) - set(entry.loaded), reverse=True):
+            path = entry.base_path / str(version)
+            with self._lock:
+                entry.states[version] = VersionState(LOADING, mtime=on_disk[version])
+            try:
+                servable = load_servable(name, version, path)
+            except Exception as exc:
+                message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
+                log.error(message)
+                with self._lock:
+                    entry.states[version] = VersionState(END, message, on_disk[version])
+                continue
+            with self._lock:
+                entry.loaded[version] = servable
+                entry.states[version] = VersionState(AVAILABLE, mtime=on_disk[version])
+            log.info("loaded version %d of %s", version, name)
+        # Unload only what is no longer wanted, after the new versions are serving.
+        for version in sorted(set(entry.loaded) - set(wanted)):
+            with self._lock:
+                entry.loaded.pop(version)
+                entry.states[version] = VersionState(END)
+            log.info("unloaded version %d of %s", version, name)
+        with self._lock:  # versions that vanished from disk before they loaded are forgotten
+            for version in [v for v, s in entry.states.items()
+                            if v not in on_disk and s.state != END]:
+                entry.states[version] = VersionState(END)
+
+
+def map_base_path(base_path: str, mapping: dict[str, str] | None) -> Path:
+    """Map a container path (/models/digits) to a local folder, longest prefix first."""
+    for prefix in sorted(mapping or {}, key=len, reverse=True):
+        if base_path == prefix or base_path.startswith(prefix.rstrip("/") + "/"):
+            return Path(mapping[prefix]) / base_path[len(prefix):].lstrip("/")
+    return Path(base_path)
+
+
+def _versions_on_disk(base: Path) -> dict[int, float]:
+    if not base.is_dir():
+        return {}
+    found = {}
+    for path in base.iterdir():
+        graph = path / "saved_model.pb"
+        if path.name.isdigit() and graph.is_file():
+            found[int(path.name)] = graph.stat().st_mtime
+    return found
+
+
+def _apply_policy(policy: FileSystemStoragePathSourceConfig.ServableVersionPolicy,
+                  versions: list[int]) -> list[int]:
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return versions
+    if kind == "specific":
+        return [v for v in versions if v in set(policy.specific.versions)]
+    keep = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
+    return versions[-keep:]

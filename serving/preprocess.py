@@ -1,0 +1,132 @@
+"""Any drawing -> one 28x28 digit in MNIST form. The one preprocessing path for every entry point.
+
+MNIST digits are white ink on black, size-normalised into a 20x20 box keeping their aspect
+ratio, then centred by centre of mass in 28x28. Drawings are usually dark ink on a light or
+transparent background, any size, anywhere on the canvas.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+BOX = 20  # MNIST's size-normalised box
+FIELD = 28
+INK_THRESHOLD = 0.25  # fraction of full contrast that counts as ink when cropping
+WORKING_SIDE = 1024  # huge canvases are reduced first: a drawing needs no more detail
+
+
+class InvalidImage(ValueError):
+    """The bytes are not a decodable image."""
+
+
+class ImageTooLarge(ValueError):
+    """The image's dimensions exceed the configured pixel limit (decompression bomb guard)."""
+
+
+class NoInk(ValueError):
+    """The image is blank: nothing to recognise."""
+
+
+class PixelsOutOfRange(ValueError):
+    """Pixel values outside MNIST's 0..1 range."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes, checking the dimensions in the header before decoding any pixels."""
+    if not data:
+        raise InvalidImage("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise InvalidImage("the data is not a supported image (PNG, JPEG, GIF, BMP, WebP, ...)") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise InvalidImage("the image has no pixels")
+    try:
+        image.seek(0)  # the first frame of an animation
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise InvalidImage("the image is truncated or corrupt") from None
+
+
+def to_grey(image: Image.Image) -> np.ndarray:
+    """Greyscale float32 in 0..1 (1 = white), transparent pixels composited over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        top = 1.0 if image.mode == "F" and values.max() <= 1 else (255.0 if values.max() <= 255 else 65535.0)
+        return np.clip(values / top, 0, 1)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        # A canvas PNG's transparent pixels are black in RGB: composite them over white.
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    grey = image.convert("L") if image.mode in ("L", "RGB", "RGBA", "P", "1", "CMYK", "YCbCr") \
+        else image.convert("RGB").convert("L")
+    if max(grey.size) > WORKING_SIDE:
+        grey.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def preprocess_drawing(image: Image.Image) -> np.ndarray:
+    """A drawing of one digit -> float32 [28, 28] in MNIST form (white ink on black, 0..1)."""
+    grey = to_grey(image)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.median(border))
+    ink = 1.0 - grey if background > 0.5 else grey  # ink is bright from here on
+    floor = min(background, 1.0 - background)
+    ink = np.clip((ink - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)
+    rows, cols = np.nonzero(ink > INK_THRESHOLD)
+    if rows.size == 0:
+        raise NoInk("the image contains no drawing (no ink found)")
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return centre_by_mass(scale_into_box(crop))
+
+
+def preprocess_pixels(pixels) -> np.ndarray:
+    """A JSON 28x28 array already in MNIST form -> float32 [28, 28], validated."""
+    try:
+        array = np.asarray(pixels, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidImage("pixels must be a 28x28 array of numbers") from None
+    if array.shape != (FIELD, FIELD):
+        raise InvalidImage(f"pixels must be 28x28, got shape {list(array.shape)}")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+        raise PixelsOutOfRange("pixels must be numbers between 0 and 1 (white ink on black)")
+    return array
+
+
+def scale_into_box(crop: np.ndarray) -> np.ndarray:
+    """Resize so the longer side is BOX pixels, keeping the aspect ratio; peak ink = 1."""
+    height, width = crop.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray((crop * 255).astype(np.uint8)).resize(
+        size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    box = np.asarray(resized, dtype=np.float32) / 255.0
+    peak = box.max()
+    return box / peak if peak > 0 else box
+
+
+def centre_by_mass(box: np.ndarray) -> np.ndarray:
+    """Place `box` in a 28x28 field so that its centre of mass lands on MNIST's (14, 14)."""
+    height, width = box.shape
+    total = box.sum()
+    ys, xs = np.mgrid[0:height, 0:width]
+    cy, cx = (ys * box).sum() / total, (xs * box).sum() / total
+    top = int(np.clip(round(FIELD / 2 - cy), 0, FIELD - height))
+    left = int(np.clip(round(FIELD / 2 - cx), 0, FIELD - width))
+    field = np.zeros((FIELD, FIELD), dtype=np.float32)
+    field[top:top + height, left:left + width] = box
+    return field

@@ -1,0 +1,1 @@
+"""Training jobs: data -> model -> fit -> evaluate -> bless -> export -> push."""

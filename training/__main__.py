@@ -1,0 +1,52 @@
+"""python -m training {digits,missing} [options]: train, bless and push model versions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from training.pipeline import EXIT_PUSHED
+from training.push import latest_version
+
+MODELS = ("digits",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", choices=("quick", "cpu", "gpu"), default="cpu",
+                        help="quick: seconds, for tests; cpu: the default; gpu: the talk's recipe")
+    common.add_argument("--model-base", type=Path, default=Path(os.environ.get("SCRIBE_MODEL_DIR", "models")),
+                        help="folder holding <model>/<integer version>/ (default: models)")
+    common.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="where TensorBoard logs, curves and metrics.json go (default: runs)")
+    digits = sub.add_parser("digits", parents=[common], help="the batch-norm CNN for MNIST")
+    digits.add_argument("--data", default="auto",
+                        help="auto | mnist-5k | PATH to mnist.npz or a folder of IDX files")
+    digits.add_argument("--steps", type=int, help="override the profile's training steps")
+    digits.add_argument("--min-accuracy", type=float,
+                        help="bless only above this test accuracy (default: per profile)")
+    sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
+    args = parser.parse_args(argv)
+
+    from training import digits as digits_job  # imports TensorFlow: after argument errors
+
+    if args.command == "digits":
+        return digits_job.run(args.profile, args.data, args.model_base, args.runs_dir,
+                              steps=args.steps, min_accuracy=args.min_accuracy)
+    for name in MODELS:
+        version = latest_version(args.model_base / name)
+        if version is not None:
+            print(f"{name}: version {version} already pushed under {args.model_base / name}")
+            continue
+        code = digits_job.run(args.profile, "auto", args.model_base, args.runs_dir)
+        if code != EXIT_PUSHED:
+            return code
+    return EXIT_PUSHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

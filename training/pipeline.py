@@ -1,0 +1,113 @@
+"""The TFX-style end of every training job: verify the export, bless it, push it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.push import latest_version, push_version
+
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+EXIT_PUSHED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BLESSED = 0, 1, 2, 3
+
+
+class ExportBroken(RuntimeError):
+    """The SavedModel did not load and run in a fresh process through the session loader."""
+
+
+@dataclass
+class Blessing:
+    blessed: bool
+    reason: str
+
+
+def bless(metric: str, value: float, baseline: float | None, *, threshold: float,
+          max_regression: float, higher_is_better: bool = True) -> Blessing:
+    """A value threshold, then a change threshold against the latest pushed version."""
+    sign = 1 if higher_is_better else -1
+    word = "below" if higher_is_better else "above"
+    if sign * (value - threshold) < 0:
+        return Blessing(False, f"{metric} {value:.4f} is {word} the threshold {threshold:.4f}")
+    if baseline is not None and sign * (value - baseline) < -max_regression:
+        return Blessing(False, f"{metric} {value:.4f} is worse than the pushed version's "
+                               f"{baseline:.4f} by more than {max_regression:.4f}")
+    against = "" if baseline is None else f", pushed version had {baseline:.4f}"
+    return Blessing(True, f"{metric} {value:.4f} (threshold {threshold:.4f}{against})")
+
+
+def write_warmup_requests(export_dir: Path, model_name: str, examples: list[dict]) -> None:
+    """Write TF Serving warmup records: one PredictionLog per example request."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path = Path(export_dir) / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for inputs in examples:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = model_name
+            request.model_spec.signature_name = "serving_default"
+            for key, value in inputs.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def saved_model_cli_run(export_dir: Path, inputs: dict[str, np.ndarray],
+                        signature: str = "serving_default") -> subprocess.CompletedProcess:
+    """`saved_model_cli run` in a fresh process: the session loader that TF Serving uses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for key, value in inputs.items():
+            np.save(Path(tmp) / f"{key}.npy", value)
+            files.append(f"{key}={Path(tmp) / key}.npy")
+        cmd = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
+               "--dir", str(export_dir), "--tag_set", "serve", "--signature_def", signature,
+               "--inputs", ";".join(files)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def verify_export(export_dir: Path, inputs: dict[str, np.ndarray], expect_outputs: list[str]) -> str:
+    """Fail unless the export loads and runs in a fresh process and returns `expect_outputs`."""
+    result = saved_model_cli_run(export_dir, inputs)
+    missing = [name for name in expect_outputs if f"Result for output key {name}" not in result.stdout]
+    if result.returncode != 0 or missing:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise ExportBroken(f"saved_model_cli run failed on {export_dir}:\n{tail}")
+    return result.stdout
+
+
+def baseline_path(model_dir: Path) -> Path | None:
+    version = latest_version(model_dir)
+    return None if version is None else model_dir / str(version)
+
+
+def finish(name: str, run_dir: Path, export_dir: Path, model_dir: Path, metrics: dict,
+           blessing: Blessing, describe: str) -> int:
+    """Push when blessed, record the outcome in metrics.json, print one summary line."""
+    metrics["blessing"] = {"blessed": blessing.blessed, "reason": blessing.reason}
+    if blessing.blessed:
+        version = push_version(export_dir, model_dir)
+        metrics["pushed_version"] = version
+        line = f"{name}: pushed version {version} to {model_dir / str(version)}: {describe}"
+        code = EXIT_PUSHED
+    else:
+        metrics["pushed_version"] = None
+        line = f"{name}: not pushed: {blessing.reason}"
+        code = EXIT_NOT_BLESSED
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable) + "\n")
+    print(line, flush=True)
+    return code
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,103 @@
+"""Atomic pushes of SavedModel versions into a TF Serving model base path.
+
+A model server polls `<base>/<name>/` for integer directories and loads any it sees, so a
+version directory must never be visible half-written. A push therefore copies the export into
+a staging directory whose name is not an integer (the server ignores it), on the same
+filesystem, writing saved_model.pb last, then renames it into place: one atomic step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+STAGING_PREFIX = ".push-"
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+def pushed_versions(model_dir: Path) -> list[int]:
+    """Integer versions under `model_dir` that hold a complete SavedModel, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
+
+
+def latest_version(model_dir: Path) -> int | None:
+    versions = pushed_versions(model_dir)
+    return versions[-1] if versions else None
+
+
+def push_version(export_dir: Path, model_dir: Path) -> int:
+    """Copy `export_dir` into `model_dir` as the next integer version, atomically. Returns it."""
+    export_dir, model_dir = Path(export_dir), Path(model_dir)
+    if not (export_dir / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"{export_dir} holds no saved_model.pb")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(model_dir)
+    staging = model_dir / f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _copy_saved_model_last(export_dir, staging)
+        while True:
+            existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+            version = max(existing, default=0) + 1
+            try:
+                # rename(2) of a directory onto a non-empty one fails, so a concurrent
+                # pusher that took this number first makes us try the next one.
+                os.rename(staging, model_dir / str(version))
+                break
+            except OSError:
+                if not (model_dir / str(version)).exists():
+                    raise
+        _fsync_dir(model_dir)
+        return version
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(model_dir: Path) -> None:
+    """Remove staging directories left by pushes that were killed (their process is gone)."""
+    host = socket.gethostname()
+    for path in model_dir.glob(STAGING_PREFIX + "*"):
+        parts = path.name[len(STAGING_PREFIX):].rsplit("-", 2)
+        same_host_and_dead = (len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+                              and not _pid_alive(int(parts[1])))
+        too_old = time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+        if same_host_and_dead or too_old:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _copy_saved_model_last(src: Path, dst: Path) -> None:
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(src) == Path("saved_model.pb"))  # the graph goes last
+    for path in files:
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+    for folder in sorted({p.parent for p in dst.rglob("*")} | {dst}, reverse=True):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
