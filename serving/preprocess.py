@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 BOX = 20  # MNIST's size-normalised box
 FIELD = 28
 INK_THRESHOLD = 0.25  # fraction of full contrast that counts as ink when cropping
+NOISE_FLOOR = 0.1  # contrast below this is paper texture, sensor or JPEG noise, not ink
 WORKING_SIDE = 1024  # huge canvases are reduced first: a drawing needs no more detail
 
 
@@ -85,7 +86,7 @@ def preprocess_drawing(image: Image.Image) -> np.ndarray:
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     background = float(np.median(border))
     ink = 1.0 - grey if background > 0.5 else grey  # ink is bright from here on
-    floor = min(background, 1.0 - background)
+    floor = min(background, 1.0 - background) + NOISE_FLOOR
     ink = np.clip((ink - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)
     rows, cols = np.nonzero(ink > INK_THRESHOLD)
     if rows.size == 0:

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny real digits model trained once per session, and live servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass
+class TrainedRun:
+    model_base: Path
+    runs_dir: Path
+    result: subprocess.CompletedProcess
+    metrics: dict
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_base / "digits" / "1"
+
+
+def run_training(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> TrainedRun:
+    """`python -m training digits --profile quick` on the 5,000 shipped digits, pushed once."""
+    base = tmp_path_factory.mktemp("models")
+    runs = tmp_path_factory.mktemp("runs")
+    result = run_training("digits", "--profile", "quick", "--data", "mnist-5k",
+                          "--model-base", str(base), "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(next(runs.glob("digits/*/metrics.json")).read_text())
+    return TrainedRun(base, runs, result, metrics)
+
+
+def copy_model_base(trained: TrainedRun, target: Path) -> Path:
+    shutil.copytree(trained.model_base, target)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveGateway:
+    """The Flask app from create_app(), served over real HTTP on a loopback port."""
+
+    def __init__(self, model_dir: Path, **overrides):
+        from werkzeug.serving import make_server
+
+        from serving.app import create_app
+        from serving.config import Settings
+
+        self.settings = Settings(model_dir=str(model_dir), **{"poll_seconds": 0.2, **overrides})
+        self.app = create_app(self.settings)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for_model(self, name: str = "digits", timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            models = requests.get(self.url + "/v1/models", timeout=10).json()["models"]
+            if any(m["name"] == name and m["available"] for m in models):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{name} did not become available")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.app.extensions["scribe"].close()
+
+
+@pytest.fixture(scope="session")
+def gateway(trained, tmp_path_factory):
+    live = LiveGateway(copy_model_base(trained, tmp_path_factory.mktemp("gw") / "models"))
+    live.wait_for_model("digits")
+    yield live
+    live.close()

@@ -1,0 +1,176 @@
+"""HTTP -> gateway -> gRPC -> embedded model server -> SavedModel, with every input form."""
+
+import base64
+import struct
+import zlib
+
+import pytest
+import requests
+from drawings import draw_digit, png_bytes
+from PIL import Image
+
+from serving.preprocess import decode_image, preprocess_drawing
+
+
+def predict(gateway, **kwargs) -> requests.Response:
+    return requests.post(gateway.url + "/v1/digits/predict", timeout=30, **kwargs)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with a valid CRC and no real data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+@pytest.mark.parametrize("digit", range(10))
+def test_clearly_drawn_digits_are_recognised(gateway, digit):
+    response = predict(gateway, files={"image": ("d.png", png_bytes(draw_digit(digit)), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "digits", "version": 1}
+    [prediction] = body["predictions"]
+    assert prediction["digit"] == digit
+    assert len(prediction["probabilities"]) == 10
+    assert prediction["confidence"] == max(prediction["probabilities"])
+    assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_several_images_in_one_multipart_request(gateway):
+    files = [("image", (f"{d}.png", png_bytes(draw_digit(d)), "image/png")) for d in (3, 1, 4)]
+    body = predict(gateway, files=files).json()
+    assert [p["digit"] for p in body["predictions"]] == [3, 1, 4]
+
+
+def test_raw_image_body(gateway):
+    response = predict(gateway, data=png_bytes(draw_digit(2)), headers={"Content-Type": "image/png"})
+    assert response.json()["predictions"][0]["digit"] == 2
+
+
+def test_json_base64_and_data_url_and_images_list(gateway):
+    encoded = base64.b64encode(png_bytes(draw_digit(5))).decode()
+    assert predict(gateway, json={"image": encoded}).json()["predictions"][0]["digit"] == 5
+    data_url = "data:image/png;base64," + encoded
+    assert predict(gateway, json={"image": data_url}).json()["predictions"][0]["digit"] == 5
+    eight = base64.b64encode(png_bytes(draw_digit(8))).decode()
+    body = predict(gateway, json={"images": [encoded, eight]}).json()
+    assert [p["digit"] for p in body["predictions"]] == [5, 8]
+
+
+def test_json_pixels_in_mnist_form(gateway):
+    pixels = preprocess_drawing(decode_image(png_bytes(draw_digit(6)), 10**7))
+    body = predict(gateway, json={"pixels": pixels.tolist()}).json()
+    assert body["predictions"][0]["digit"] == 6
+
+
+def test_pinned_version_answers_and_unknown_version_is_404(gateway):
+    image = {"image": ("d.png", png_bytes(draw_digit(1)), "image/png")}
+    assert predict(gateway, files=image, params={"version": 1}).json()["model"]["version"] == 1
+    missing = predict(gateway, files=image, params={"version": 99})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "version_not_found"
+
+
+PNG = {"Content-Type": "image/png"}
+
+
+@pytest.mark.parametrize("kwargs, status, code", [
+    ({"data": b"definitely not an image", "headers": PNG}, 400, "invalid_image"),
+    ({"data": png_bytes(draw_digit(3))[:300], "headers": PNG}, 400, "invalid_image"),
+    ({"data": b"", "headers": PNG}, 400, "invalid_image"),
+    ({"data": png_claiming(100000, 100000), "headers": PNG}, 413, "image_too_large"),
+    ({"data": png_claiming(5000, 5000), "headers": PNG}, 413, "image_too_large"),
+    ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+    ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+    ({"json": ["a", "list"]}, 400, "bad_request"),
+    ({"json": {"image": 5}}, 400, "bad_request"),
+    ({"json": {"image": "%%%not base64%%%"}}, 400, "bad_request"),
+    ({"json": {"images": "abc"}}, 400, "bad_request"),
+    ({"json": {"images": []}}, 400, "bad_request"),
+    ({"json": {"pixels": "abc"}}, 400, "invalid_image"),
+    ({"json": {"pixels": [[0.5] * 27] * 28}}, 400, "invalid_image"),
+    ({"json": {"pixels": [[2.0] * 28] * 28}}, 422, "out_of_range"),
+    ({"json": {"nothing": 1}}, 400, "bad_request"),
+    ({"json": {"image": base64.b64encode(png_bytes(Image.new("L", (50, 50), 255))).decode()}},
+     422, "no_ink"),
+    ({"files": {"other": ("x.png", b"x")}}, 400, "bad_request"),
+    ({"params": {"version": "abc"}, "json": {"pixels": [[0.0] * 28] * 28}}, 400, "bad_request"),
+])
+def test_bad_input_gets_its_4xx_json_error(gateway, kwargs, status, code):
+    response = predict(gateway, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in response.text and "/work" not in response.text
+
+
+def test_body_over_the_limit_is_413(gateway):
+    too_big = b"\0" * (gateway.settings.max_body_bytes + 1)
+    response = predict(gateway, data=too_big, headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_entity_too_large"
+
+
+def test_service_keeps_answering_after_bad_input(gateway):
+    for _ in range(3):
+        predict(gateway, data=b"junk", headers={"Content-Type": "image/png"})
+    assert requests.get(gateway.url + "/healthz", timeout=5).json() == {"status": "ok"}
+    assert predict(gateway, files={"image": png_bytes(draw_digit(7))}).json()["predictions"][0]["digit"] == 7
+
+
+def test_models_lists_versions_from_the_model_server(gateway):
+    models = {m["name"]: m for m in requests.get(gateway.url + "/v1/models", timeout=10).json()["models"]}
+    assert models["digits"]["available"] is True
+    assert models["digits"]["versions"] == [{"version": 1, "state": "AVAILABLE", "error": ""}]
+    assert models["bard"]["available"] is False  # no language model pushed in this test base
+
+
+def test_readyz_is_503_until_every_model_is_available(gateway):
+    response = requests.get(gateway.url + "/readyz", timeout=10)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert [m["name"] for m in response.json()["models"] if not m["available"]] == ["bard"]
+
+
+def test_readyz_is_200_when_every_configured_model_is_available(trained, tmp_path):
+    from conftest import LiveGateway
+
+    config = tmp_path / "digits-only.config"
+    config.write_text('model_config_list { config { name: "digits" base_path: "/models/digits" '
+                      'model_platform: "tensorflow" } }')
+    live = LiveGateway(trained.model_base, model_config=str(config))
+    try:
+        live.wait_for_model("digits")
+        assert requests.get(live.url + "/readyz", timeout=10).status_code == 200
+    finally:
+        live.close()
+
+
+def test_metrics_count_requests_by_endpoint_and_status(gateway):
+    predict(gateway, data=b"junk", headers={"Content-Type": "image/png"})
+    text = requests.get(gateway.url + "/metrics", timeout=10).text
+    assert 'scribe_http_requests_total{endpoint="/v1/digits/predict",method="POST",status="400"}' in text
+    assert 'scribe_http_requests_total{endpoint="/v1/digits/predict",method="POST",status="200"}' in text
+    assert "scribe_http_request_seconds_bucket" in text
+    assert 'scribe_model_call_seconds_count{model="digits",outcome="OK"}' in text
+
+
+def test_unknown_route_is_a_json_404(gateway):
+    response = requests.get(gateway.url + "/v1/nothing", timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_model_server_gone_gives_503_and_readyz_503(trained, tmp_path):
+    from conftest import LiveGateway, free_port
+
+    live = LiveGateway(trained.model_base, model_server=f"127.0.0.1:{free_port()}",
+                       model_timeout_seconds=2)
+    try:
+        response = predict(live, files={"image": png_bytes(draw_digit(1))})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json()["error"]["code"] == "model_unavailable"
+        assert requests.get(live.url + "/readyz", timeout=10).status_code == 503
+    finally:
+        live.close()

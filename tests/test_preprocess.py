@@ -1,0 +1,95 @@
+"""One preprocessing path turns any drawing into an MNIST-form 28x28 digit."""
+
+import numpy as np
+import pytest
+from drawings import draw_digit, png_bytes
+from PIL import Image
+
+from serving.preprocess import (
+    ImageTooLarge,
+    InvalidImage,
+    NoInk,
+    decode_image,
+    preprocess_drawing,
+)
+
+LIMIT = 4096 * 4096
+
+
+def mnist_form(image: Image.Image) -> np.ndarray:
+    return preprocess_drawing(decode_image(png_bytes(image), LIMIT))
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Best correlation over one-pixel shifts: rounding the centre of mass may move a digit by one."""
+    return max(float(np.corrcoef(np.roll(a, (dy, dx), (0, 1)).ravel(), b.ravel())[0, 1])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return mnist_form(draw_digit(7))
+
+
+def test_dark_ink_on_light_becomes_white_on_black(reference):
+    assert reference.shape == (28, 28) and reference.dtype == np.float32
+    assert reference.max() == pytest.approx(1.0, abs=0.01)
+    assert reference[0, :].max() == 0 and reference[:, 0].max() == 0  # black background
+
+
+def test_ink_fits_the_20x20_box_and_is_centred_by_mass(reference):
+    rows, cols = np.nonzero(reference > 0.05)
+    assert max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) in (19, 20, 21)
+    ys, xs = np.mgrid[0:28, 0:28]
+    cy, cx = (ys * reference).sum() / reference.sum(), (xs * reference).sum() / reference.sum()
+    assert abs(cy - 14) <= 0.75 and abs(cx - 14) <= 0.75
+
+
+def test_light_ink_on_dark_gives_the_same_digit(reference):
+    inverted = draw_digit(7, ink=(255, 255, 255), background=(0, 0, 0))
+    assert correlation(mnist_form(inverted), reference) > 0.97
+
+
+def test_transparent_canvas_png_is_composited_over_white(reference):
+    # What a browser canvas exports: black strokes, every other pixel transparent black.
+    canvas = draw_digit(7, mode="RGBA", ink=(0, 0, 0, 255), background=(0, 0, 0, 0))
+    assert correlation(mnist_form(canvas), reference) > 0.97
+
+
+def test_off_centre_drawing_is_moved_to_the_centre(reference):
+    corner = draw_digit(7, size=280, box=(170, 160, 100), width=9)
+    assert correlation(mnist_form(corner), reference) > 0.9
+
+
+def test_tiny_and_huge_canvases_give_the_same_digit(reference):
+    tiny = draw_digit(7, size=24, width=2)
+    huge = draw_digit(7, size=3000)
+    assert correlation(mnist_form(tiny), reference) > 0.85
+    assert correlation(mnist_form(huge), reference) > 0.95
+
+
+def test_grey_jpeg_with_noise_still_finds_the_ink(reference):
+    noisy = np.asarray(draw_digit(7).convert("L"), dtype=np.float32)
+    noisy = noisy * 0.7 + 40 + np.random.default_rng(0).normal(0, 8, noisy.shape)
+    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    out = preprocess_drawing(decode_image(png_bytes(image, format="JPEG", quality=70), LIMIT))
+    assert correlation(out, reference) > 0.9
+
+
+def test_blank_canvas_has_no_ink():
+    with pytest.raises(NoInk):
+        mnist_form(Image.new("RGB", (100, 100), "white"))
+
+
+def test_not_an_image_and_truncated_png_are_invalid():
+    with pytest.raises(InvalidImage):
+        decode_image(b"hello, this is not an image", LIMIT)
+    with pytest.raises(InvalidImage):
+        decode_image(png_bytes(draw_digit(3))[:200], LIMIT)
+    with pytest.raises(InvalidImage):
+        decode_image(b"", LIMIT)
+
+
+def test_dimensions_are_checked_before_decoding():
+    with pytest.raises(ImageTooLarge):
+        decode_image(png_bytes(Image.new("L", (300, 300))), max_pixels=200 * 200)

@@ -1,0 +1,98 @@
+"""The training pipeline: train, export, verify, evaluate, bless, push."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+from conftest import ROOT, copy_model_base, run_training
+
+from training.pipeline import bless, saved_model_cli_run
+
+
+def test_quick_model_beats_90_percent_on_its_test_split(trained):
+    assert trained.metrics["test_accuracy"] > 0.90
+    assert trained.metrics["test_examples"] == 1000  # the held-out split, never trained on
+    assert trained.metrics["pushed_version"] == 1
+
+
+def test_summary_line_says_which_version_was_pushed(trained):
+    last_line = trained.result.stdout.strip().splitlines()[-1]
+    assert re.match(r"digits: pushed version 1 to .*digits/1: test accuracy \d+\.\d+%", last_line)
+
+
+def test_run_writes_curves_tensorboard_logs_and_metrics(trained):
+    run_dir = next(trained.runs_dir.glob("digits/*"))
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    history = trained.metrics["history"]
+    assert len(history["loss"]) == len(history["val_accuracy"]) >= 2
+
+
+def test_export_runs_in_a_fresh_process_through_the_session_loader(trained):
+    """saved_model_cli run loads with the TF1 session loader that TF Serving uses."""
+    from training.mnist_data import load_digits
+
+    splits = load_digits("mnist-5k")
+    result = saved_model_cli_run(trained.version_dir, {"image": splits.x_test[:8]})
+    assert result.returncode == 0, result.stderr[-2000:]
+    digits_out = re.search(r"Result for output key digit:\n\[([\d\s]+)\]", result.stdout)
+    predicted = np.array(digits_out.group(1).split(), dtype=int)
+    assert (predicted == splits.y_test[:8]).sum() >= 6
+
+
+def test_signature_matches_the_design(trained):
+    show = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show",
+                           "--dir", str(trained.version_dir), "--tag_set", "serve",
+                           "--signature_def", "serving_default"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    text = " ".join(show.stdout.split())
+    assert "inputs['image'] tensor_info: dtype: DT_FLOAT shape: (-1, 28, 28)" in text
+    assert "outputs['probabilities'] tensor_info: dtype: DT_FLOAT shape: (-1, 10)" in text
+    assert "outputs['digit'] tensor_info: dtype: DT_INT64 shape: (-1)" in text
+
+
+def test_export_carries_tf_serving_warmup_records(trained):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = trained.version_dir / "assets.extra" / "tf_serving_warmup_requests"
+    records = [prediction_log_pb2.PredictionLog.FromString(r)
+               for r in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()]
+    assert records
+    for record in records:
+        request = record.predict_log.request
+        assert request.model_spec.name == "digits"
+        assert tf.make_ndarray(request.inputs["image"]).shape[1:] == (28, 28)
+
+
+def test_worse_model_is_not_blessed_and_nothing_is_pushed(trained, tmp_path):
+    base = copy_model_base(trained, tmp_path / "models")
+    result = run_training("digits", "--profile", "quick", "--steps", "3", "--min-accuracy", "0",
+                          "--data", "mnist-5k", "--model-base", str(base),
+                          "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "not pushed: test accuracy" in result.stdout
+    assert "worse than the pushed version" in result.stdout
+    assert sorted(p.name for p in (base / "digits").iterdir()) == ["1"]
+    metrics = json.loads(next((tmp_path / "runs").glob("digits/*/metrics.json")).read_text())
+    assert metrics["blessing"]["blessed"] is False and metrics["baseline_version"] == 1
+
+
+def test_bless_applies_value_then_change_threshold():
+    assert bless("acc", 0.95, None, threshold=0.97, max_regression=0.001).blessed is False
+    assert bless("acc", 0.98, None, threshold=0.97, max_regression=0.001).blessed is True
+    assert bless("acc", 0.980, 0.9815, threshold=0.97, max_regression=0.001).blessed is False
+    assert bless("acc", 0.9806, 0.9815, threshold=0.97, max_regression=0.001).blessed is True
+    # Losses: lower is better.
+    assert bless("loss", 1.5, 1.4, threshold=1.65, max_regression=0.05,
+                 higher_is_better=False).blessed is False
+
+
+def test_unknown_data_path_is_a_clear_error(tmp_path):
+    result = run_training("digits", "--profile", "quick", "--data", str(tmp_path / "nope.npz"),
+                          "--model-base", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"))
+    assert result.returncode != 0
+    assert "no such file" in result.stderr
+    assert not (tmp_path / "m" / "digits").exists()
