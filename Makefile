@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check training serving client tests bench
+	$(VENV)/bin/ruff check training serving client tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""The model server's version handling: policy, failed loads, rollback by removal."""
+
+import logging
+import shutil
+
+import pytest
+from conftest import copy_model_base
+
+from serving.model_server import read_model_config
+from serving.model_server.servables import AVAILABLE, END, ServableManager, ServingError
+
+CONFIG = 'model_config_list { config { name: "digits" base_path: "/models/digits" %s } }'
+
+
+def manager_for(base, tmp_path, policy: str = "", labels: str = "") -> ServableManager:
+    path = tmp_path / "models.config"
+    path.write_text(CONFIG % (policy + labels))
+    return ServableManager(read_model_config(path), {"/models": str(base)})
+
+
+@pytest.fixture
+def two_versions(trained, tmp_path):
+    base = copy_model_base(trained, tmp_path / "models")
+    shutil.copytree(base / "digits" / "1", base / "digits" / "2")
+    return base
+
+
+def test_latest_policy_serves_the_newest_version(two_versions, tmp_path):
+    manager = manager_for(two_versions, tmp_path)
+    manager.poll_once()
+    assert manager.servable("digits").version == 2
+    assert [(v, state) for v, state, _ in manager.status("digits")] == [(2, AVAILABLE)]
+
+
+def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
+        trained, tmp_path, caplog):
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    broken = base / "digits" / "2"
+    shutil.copytree(base / "digits" / "1", broken)
+    (broken / "saved_model.pb").write_bytes(b"half written garbage")
+    with caplog.at_level(logging.ERROR, logger="scribe.model_server"):
+        manager.poll_once()
+        manager.poll_once()  # a failed version is not retried until its files change
+    assert manager.servable("digits").version == 1
+    status = {v: (state, error) for v, state, error in manager.status("digits")}
+    assert status[1] == (AVAILABLE, "")
+    assert status[2][0] == END and "Failed to load version 2 of digits" in status[2][1]
+    assert len([r for r in caplog.records if "Failed to load version 2" in r.message]) == 1
+
+
+def test_removing_the_newest_version_rolls_serving_back(two_versions, tmp_path):
+    manager = manager_for(two_versions, tmp_path)
+    manager.poll_once()
+    shutil.rmtree(two_versions / "digits" / "2")
+    manager.poll_once()
+    assert manager.servable("digits").version == 1
+
+
+def test_specific_policy_and_labels_pin_versions(two_versions, tmp_path):
+    manager = manager_for(two_versions, tmp_path,
+                          policy="model_version_policy { specific { versions: 1 versions: 2 } }",
+                          labels=' version_labels { key: "stable" value: 1 }'
+                                 ' version_labels { key: "canary" value: 2 }')
+    manager.poll_once()
+    assert manager.servable("digits").version == 2
+    assert manager.servable("digits", label="stable").version == 1
+    assert manager.servable("digits", version=1).version == 1
+    with pytest.raises(ServingError) as unknown:
+        manager.servable("digits", label="nope")
+    assert unknown.value.code == "INVALID_ARGUMENT"
