@@ -1,4 +1,8 @@
-"""python -m client digit DRAWING [--url URL]: ask the gateway which digit a drawing shows."""
+"""python -m client: call the Scribe gateway.
+
+  python -m client digit drawing.png              which digit a drawing shows
+  python -m client generate "ROMEO:" --stream     Shakespeare, printed as it is written
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     digit = sub.add_parser("digit", help="recognise a drawn digit from an image file")
     digit.add_argument("image", help="PNG, JPEG, ... of one drawn digit")
     digit.add_argument("--version", type=int, help="ask for this model version")
+    generate = sub.add_parser("generate", help="continue a prompt in the style of Shakespeare")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-chars", type=int, default=300)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stream", action="store_true", help="print the text as it is written")
     args = parser.parse_args(argv)
 
     client = ScribeClient(args.url)
+    if args.command == "generate":
+        return run_generate(client, args)
     try:
         result = client.predict_digit(args.image, version=args.version)
     except FileNotFoundError:
@@ -29,6 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['digit']} (confidence {result['confidence']:.1%}, "
           f"{result['model']['name']} version {result['model']['version']})")
     return 0
+
+
+def run_generate(client: ScribeClient, args) -> int:
+    options = dict(max_chars=args.max_chars, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed)
+    try:
+        if not args.stream:
+            print(args.prompt + client.generate(args.prompt, **options)["text"])
+            return 0
+        print(args.prompt, end="", flush=True)
+        for item in client.generate_stream(args.prompt, **options):
+            if isinstance(item, str):
+                print(item, end="", flush=True)
+        print()
+        return 0
+    except ScribeError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

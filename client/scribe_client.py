@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import requests
@@ -31,6 +32,40 @@ class ScribeClient:
                           params=params)
         return {**body["predictions"][0], "model": body["model"]}
 
+    def generate(self, prompt: str, max_chars: int = 300, temperature: float | None = None,
+                 top_k: int | None = None, seed: int | None = None) -> dict:
+        """One call: {"model", "prompt", "text", "seed"}."""
+        return self._call("POST", "/v1/text/generate",
+                          json=_generation(prompt, max_chars, temperature, top_k, seed))
+
+    def generate_stream(self, prompt: str, max_chars: int = 300, temperature: float | None = None,
+                        top_k: int | None = None, seed: int | None = None):
+        """Yield text chunks as the gateway writes them; the last item is the final event (a dict)."""
+        body = {**_generation(prompt, max_chars, temperature, top_k, seed), "stream": True}
+        try:
+            response = self.session.post(self.url + "/v1/text/generate", json=body, stream=True,
+                                         timeout=self.timeout,
+                                         headers={"Accept": "text/event-stream"})
+        except requests.RequestException as error:
+            raise ScribeError(0, "unreachable", f"cannot reach {self.url}: {error}") from None
+        with response:
+            if response.status_code >= 400:
+                self._raise(response)
+            event = None
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event: "):
+                    event = line[len("event: "):]
+                elif line.startswith("data: "):
+                    data = json.loads(line[len("data: "):])
+                    if event == "chunk":
+                        yield data["text"]
+                    elif event == "done":
+                        yield data
+                        return
+                    elif event == "error":
+                        error = data["error"]
+                        raise ScribeError(502, error["code"], error["message"])
+
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models")["models"]
 
@@ -39,12 +74,22 @@ class ScribeClient:
             response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as error:
             raise ScribeError(0, "unreachable", f"cannot reach {self.url}: {error}") from None
+        if response.status_code >= 400:
+            self._raise(response)
+        return response.json()
+
+    @staticmethod
+    def _raise(response: requests.Response):
         try:
             body = response.json()
         except ValueError:
             body = {}
-        if response.status_code >= 400:
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            raise ScribeError(response.status_code, error.get("code", "http_error"),
-                              error.get("message", response.reason))
-        return body
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise ScribeError(response.status_code, error.get("code", "http_error"),
+                          error.get("message", response.reason))
+
+
+def _generation(prompt, max_chars, temperature, top_k, seed) -> dict:
+    body = {"prompt": prompt, "max_chars": max_chars, "temperature": temperature, "top_k": top_k,
+            "seed": seed}
+    return {key: value for key, value in body.items() if value is not None}

@@ -60,8 +60,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     install_metrics(app)
     from serving.digits_api import digits
+    from serving.text_api import text
 
     app.register_blueprint(digits)
+    app.register_blueprint(text)
 
     @app.get("/healthz")
     def healthz():

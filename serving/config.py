@@ -21,6 +21,8 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # decompression bomb guard, checked before decoding
     max_images: int = 64  # images per digits request
+    max_prompt_chars: int = 4000
+    stream_chunk_chars: int = 40  # characters per server-sent event (one model call each)
     digits_model: str = "digits"
     text_model: str = "bard"
     host: str = "127.0.0.1"

@@ -11,6 +11,7 @@ import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 
 from serving import errors
+from serving.model_pin import read_pin
 from serving.preprocess import decode_image, preprocess_drawing, preprocess_pixels
 
 digits = Blueprint("digits", __name__)
@@ -106,23 +107,3 @@ def check_count(count: int, max_images: int) -> None:
     if count > max_images:
         raise errors.ApiError(413, "too_many_images",
                               f"{count} images in one request; the limit is {max_images}")
-
-
-def read_pin() -> tuple[int | None, str | None]:
-    """Optional model pinning from the query string or the JSON body: version or label."""
-    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
-    source = body if isinstance(body, dict) else {}
-    version = request.args.get("version", source.get("version"))
-    label = request.args.get("label", source.get("label"))
-    if version is not None and label is not None:
-        raise errors.bad_request("give either 'version' or 'label', not both")
-    if version is not None:
-        try:
-            version = int(version)
-        except (TypeError, ValueError):
-            raise errors.bad_request("'version' must be a positive integer") from None
-        if version < 1:
-            raise errors.out_of_range("'version' must be a positive integer")
-    if label is not None and (not isinstance(label, str) or not label):
-        raise errors.bad_request("'label' must be a non-empty string")
-    return version, label

@@ -23,6 +23,9 @@ def install_metrics(app: Flask) -> CollectorRegistry:
         "scribe_model_call_seconds", "gRPC calls to the model server", ["model", "outcome"],
         buckets=LATENCY_BUCKETS, registry=registry)
 
+    app.extensions["generation_chunks"] = Counter(
+        "scribe_generation_chunks_total", "text chunks generated for streams", registry=registry)
+
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()

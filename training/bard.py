@@ -1,0 +1,288 @@
+"""A character-level GRU language model of Shakespeare, with generation inside the graph.
+
+The talk's recipe (gpu profile): character embedding, 3 GRU layers of 512, sequences of 30,
+batch 200, dropout 0.2, Adam 0.001. Generation feeds one character at a time, passing the state,
+sampling from the top-k characters. Here that loop runs inside the SavedModel, so one model
+server call returns a whole continuation, and a second signature continues from a given state.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from training import pipeline
+from training.shakespeare_data import load_corpus
+
+NAME = "bard"
+PROFILES = {
+    "quick": dict(layers=1, units=64, embedding=16, seq_len=50, batch=32, steps=120,
+                  eval_every=40, lr=0.005, dropout=0.0, max_val_loss=3.0),
+    "cpu": dict(layers=2, units=256, embedding=32, seq_len=100, batch=64, steps=1100,
+                eval_every=100, lr=0.004, dropout=0.1, max_val_loss=1.75),
+    "gpu": dict(layers=3, units=512, embedding=64, seq_len=30, batch=200, steps=5000,
+                eval_every=500, lr=0.001, dropout=0.2, max_val_loss=1.5),
+}
+MAX_REGRESSION = 0.02  # nats per character a new version may lose against the pushed one
+FALLBACK = " "  # characters outside the alphabet are read as a space
+MAX_CODEPOINT = 0xFFFF  # the in-graph character table covers the Basic Multilingual Plane
+MAX_CHARS_PER_CALL = 10_000
+SEED = 42
+
+
+def alphabet_of(text: str) -> list[str]:
+    chars = sorted({c for c in text if ord(c) <= MAX_CODEPOINT} | {FALLBACK})
+    return chars
+
+
+def encode(text: str, alphabet: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(alphabet)}
+    fallback = index[FALLBACK]
+    return np.array([index.get(c, fallback) for c in text], dtype=np.int32)
+
+
+def build_model(vocab: int, cfg: dict):
+    import keras
+    from keras import layers
+
+    ids = keras.Input((None,), dtype="int32", name="ids")
+    x = layers.Embedding(vocab, cfg["embedding"], name="embedding")(ids)
+    for i in range(cfg["layers"]):
+        x = layers.GRU(cfg["units"], return_sequences=True, name=f"gru_{i}")(x)
+        if cfg["dropout"]:
+            x = layers.Dropout(cfg["dropout"])(x)
+    logits = layers.Dense(vocab, name="logits")(x)
+    return keras.Model(ids, logits, name="bard_gru")
+
+
+def sequences(ids: np.ndarray, seq_len: int, batch: int, shuffle: bool):
+    """(input, target) pairs of seq_len characters, target shifted by one."""
+    import tensorflow as tf
+
+    n = (len(ids) - 1) // seq_len
+    x = ids[: n * seq_len].reshape(n, seq_len)
+    y = ids[1: n * seq_len + 1].reshape(n, seq_len)
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        data = data.shuffle(n, seed=SEED).repeat()
+    return data.batch(batch, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+
+
+def make_generator(model, alphabet: list[str]):
+    """tf.functions for in-graph generation; the alphabet becomes constants in the graph."""
+    import tensorflow as tf
+
+    embedding = model.get_layer("embedding")
+    cells = [layer.cell for layer in model.layers if layer.name.startswith("gru_")]
+    dense = model.get_layer("logits")
+    units = cells[0].units
+    vocab = len(alphabet)
+    table = np.full(MAX_CODEPOINT + 1, alphabet.index(FALLBACK), dtype=np.int32)
+    for i, c in enumerate(alphabet):
+        table[ord(c)] = i
+    codepoints = tf.constant([ord(c) for c in alphabet], dtype=tf.int32)
+    table = tf.constant(table)
+
+    def step(ids, state):
+        """Feed one character per row; state is every layer's hidden state, concatenated."""
+        x = embedding(ids)
+        new = []
+        for cell, h in zip(cells, tf.split(state, len(cells), axis=1), strict=True):
+            x, _ = cell(x, h, training=False)
+            new.append(x)
+        return tf.concat(new, axis=1)
+
+    def sample(state, temperature, top_k, seed, position):
+        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)
+        k = tf.minimum(top_k, vocab)
+        kth = tf.math.top_k(logits, k=tf.maximum(k, 1)).values[:, -1:]
+        logits = tf.where((k > 0) & (logits < kth), tf.constant(-1e9, logits.dtype), logits)
+        # Stateless: the same seed and position give the same character, however the
+        # generation is cut into calls, so streamed chunks join into the one-call text.
+        pair = tf.stack([seed, tf.cast(position, tf.int64)])
+        return tf.cast(tf.random.stateless_categorical(logits, 1, seed=pair)[:, 0], tf.int32)
+
+    def read(prompt):
+        chars = tf.strings.unicode_decode(prompt, "UTF-8", errors="replace")
+        ids = tf.ragged.map_flat_values(
+            lambda cp: tf.gather(table, tf.clip_by_value(cp, 0, MAX_CODEPOINT)), chars)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        padded = ids.to_tensor()
+        state = tf.zeros([tf.shape(prompt)[0], units * len(cells)])
+
+        def body(t, state):
+            fed = step(padded[:, t], state)
+            return t + 1, tf.where((t < lengths)[:, None], fed, state)
+
+        _, state = tf.while_loop(lambda t, _: t < tf.shape(padded)[1], body, [0, state])
+        return state
+
+    def write(state, max_chars, temperature, top_k, seed, position):
+        max_chars = tf.clip_by_value(max_chars, 0, MAX_CHARS_PER_CALL)
+        written = tf.TensorArray(tf.int32, size=max_chars, element_shape=[None])
+
+        def body(i, state, written):
+            c = sample(state, temperature, top_k, seed, position + i)
+            return i + 1, step(c, state), written.write(i, c)
+
+        _, state, written = tf.while_loop(lambda i, *_: i < max_chars, body, [0, state, written])
+        ids = tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], max_chars])
+        text = tf.strings.unicode_encode(tf.gather(codepoints, ids), "UTF-8")
+        return {"text": text, "state": state}
+
+    state_size = units * len(cells)
+    scalars = [tf.TensorSpec([], tf.int32, name="max_chars"),
+               tf.TensorSpec([], tf.float32, name="temperature"),
+               tf.TensorSpec([], tf.int32, name="top_k"),
+               tf.TensorSpec([], tf.int64, name="seed")]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"), *scalars])
+    def generate(prompt, max_chars, temperature, top_k, seed):
+        return write(read(prompt), max_chars, temperature, top_k, seed, 0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, state_size], tf.float32, name="state"),
+                                  *scalars, tf.TensorSpec([], tf.int32, name="position")])
+    def continue_(state, max_chars, temperature, top_k, seed, position):
+        return write(state, max_chars, temperature, top_k, seed, position)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def score(text):
+        """Mean nats per character of each text (each character predicted from those before)."""
+        chars = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
+        ids = tf.ragged.map_flat_values(
+            lambda cp: tf.gather(table, tf.clip_by_value(cp, 0, MAX_CODEPOINT)), chars)
+        lengths = tf.cast(ids.row_lengths(), tf.int32)
+        padded = ids.to_tensor()
+        logits = model(padded[:, :-1], training=False)
+        targets = padded[:, 1:]
+        nats = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        mask = tf.sequence_mask(lengths - 1, tf.shape(targets)[1], dtype=nats.dtype)
+        counted = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        return {"nats_per_char": tf.reduce_sum(nats * mask, axis=1) / counted}
+
+    return generate, continue_, score
+
+
+def export(model, alphabet: list[str], export_dir: Path) -> None:
+    import keras
+
+    generate, continue_, score = make_generator(model, alphabet)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", generate)
+    archive.add_endpoint("continue", continue_)
+    archive.add_endpoint("score", score)
+    archive.write_out(str(export_dir), verbose=False)
+    scalars = {"max_chars": np.int32(20), "temperature": np.float32(0.8), "top_k": np.int32(0),
+               "seed": np.int64(1)}
+    pipeline.write_warmup_requests(export_dir, NAME, [
+        {"prompt": np.array([b"ROMEO:"]), **scalars},
+        {"prompt": np.array([b"To be", b"KING"]), **scalars},
+    ])
+
+
+def evaluate_saved_model(export_dir: Path, text: str, chunk: int = 1000) -> float:
+    """Nats per character that a SavedModel's `score` signature assigns to `text`, read in
+    chunks of `chunk` characters: what the served version would assign."""
+    import tensorflow as tf
+
+    score = tf.saved_model.load(str(export_dir)).signatures["score"]
+    pieces = [text[i:i + chunk + 1] for i in range(0, len(text) - 1, chunk)]
+    total = weight = 0.0
+    for i in range(0, len(pieces), 64):
+        batch = pieces[i:i + 64]
+        nats = score(text=tf.constant([p.encode("utf-8") for p in batch]))["nats_per_char"].numpy()
+        sizes = np.array([len(p) - 1 for p in batch], dtype=np.float64)
+        total += float((nats * sizes).sum())
+        weight += float(sizes.sum())
+    return total / weight
+
+
+def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int | None = None,
+        max_val_loss: float | None = None) -> int:
+    import keras
+
+    cfg = dict(PROFILES[profile])
+    if steps is not None:
+        cfg["steps"], cfg["eval_every"] = steps, min(cfg["eval_every"], steps)
+    threshold = cfg["max_val_loss"] if max_val_loss is None else max_val_loss
+    run_dir = runs_dir / NAME / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(SEED)
+
+    data = load_corpus(corpus)
+    alphabet = alphabet_of(data.train)
+    print(f"{NAME}: profile {profile}, {data.describe()}, {len(alphabet)} characters, "
+          f"run folder {run_dir}", flush=True)
+    train_ids, val_ids = encode(data.train, alphabet), encode(data.validation, alphabet)
+    model = build_model(len(alphabet), cfg)
+    schedule = keras.optimizers.schedules.CosineDecay(cfg["lr"], cfg["steps"], alpha=0.1)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    started = time.time()
+    history = model.fit(
+        sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
+        steps_per_epoch=cfg["eval_every"], epochs=max(1, cfg["steps"] // cfg["eval_every"]),
+        validation_data=sequences(val_ids, cfg["seq_len"], 256, shuffle=False), shuffle=False,
+        verbose=1 if sys.stdout.isatty() else 2,
+        callbacks=[keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
+    train_seconds = time.time() - started
+    plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
+
+    export_dir = run_dir / "export"
+    export(model, alphabet, export_dir)
+    pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]), "max_chars": np.int32(40),
+                                        "temperature": np.float32(0.8), "top_k": np.int32(0),
+                                        "seed": np.int64(7)}, ["text", "state"])
+    val_loss = evaluate_saved_model(export_dir, data.validation)
+    baseline_dir = pipeline.baseline_path(model_base / NAME)
+    baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
+    blessing = pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
+                              max_regression=MAX_REGRESSION, higher_is_better=False)
+    sample = sample_text(export_dir)
+    (run_dir / "sample.txt").write_text(sample)
+    metrics = {
+        "model": NAME, "profile": profile, "settings": cfg, "corpus": data.source,
+        "validation": data.validation_source, "alphabet_size": len(alphabet),
+        "train_characters": len(data.train), "validation_characters": len(data.validation),
+        "train_seconds": round(train_seconds, 1),
+        "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / train_seconds),
+        "validation_loss_nats": val_loss, "validation_bits_per_char": val_loss / math.log(2),
+        "baseline_validation_loss_nats": baseline,
+        "baseline_version": None if baseline_dir is None else int(baseline_dir.name),
+        "sample": sample, "history": history.history,
+    }
+    describe = (f"validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits) "
+                f"on {data.validation_source}")
+    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, blessing, describe)
+
+
+def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -> str:
+    import tensorflow as tf
+
+    generate = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    out = generate(prompt=tf.constant([prompt]), max_chars=tf.constant(chars),
+                   temperature=tf.constant(0.8), top_k=tf.constant(0), seed=tf.constant(1, tf.int64))
+    return prompt.decode() + out["text"].numpy()[0].decode("utf-8")
+
+
+def plot_curves(history: dict, steps_per_point: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(i + 1) * steps_per_point for i in range(len(history["loss"]))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, history["loss"], label="train")
+    ax.plot(steps, history["val_loss"], label="validation (held-out plays)")
+    ax.set(title="cross-entropy (nats per character)", xlabel="step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
