@@ -6,7 +6,7 @@ PORT ?= 8080
 export PORT
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install train run test lint clean
+.PHONY: install train run test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,12 @@ run: train
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (not part of make test): figures against baselines measured in the same run.
+bench: train
+	$(PY) bench/generation.py
+
 lint: install
-	$(VENV)/bin/ruff check training serving client tests
+	$(VENV)/bin/ruff check training serving client tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
