@@ -35,11 +35,14 @@ def main() -> int:
         print(f"no bard version under {args.model_base}: run `make train` first", file=sys.stderr)
         return 1
 
+    from serving.config import Settings
     from serving.model_client import ModelClient
     from serving.model_server import start_model_server
 
+    # The embedded model server as the gateway starts it (same thread settings).
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(args.model_base)},
-                                grpc_port=0, host="127.0.0.1")
+                                grpc_port=0, host="127.0.0.1",
+                                intra_op_threads=Settings().intra_op_threads)
     server.manager.wait_until_available(["bard"], timeout=120)
     client = ModelClient(f"127.0.0.1:{server.grpc_port}", timeout=300)
     params = {"temperature": np.float32(0.8), "top_k": np.int32(0), "seed": np.int64(1)}

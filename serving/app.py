@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not target:
         embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
                                       grpc_port=0, host="127.0.0.1",
-                                      poll_seconds=settings.poll_seconds)
+                                      poll_seconds=settings.poll_seconds,
+                                      intra_op_threads=settings.intra_op_threads)
         target = f"127.0.0.1:{embedded.grpc_port}"
         log.info("embedded model server on %s, models from %s", target, settings.model_dir)
     app.extensions["scribe"] = Gateway(settings, ModelClient(target, settings.model_timeout_seconds),

@@ -55,9 +55,8 @@ def from_grpc(error: grpc.RpcError, model: str, pinned: bool) -> ApiError:
     code = error.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ApiError(504, "model_timeout", f"the model server did not answer in time ({model})")
-    if code == grpc.StatusCode.NOT_FOUND and pinned:
-        return ApiError(404, "version_not_found", f"{model}: {error.details()}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT and pinned:
+    if pinned and (code == grpc.StatusCode.NOT_FOUND or (
+            code == grpc.StatusCode.INVALID_ARGUMENT and "version label" in error.details())):
         return ApiError(404, "version_not_found", f"{model}: {error.details()}")
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
         return model_unavailable(f"model {model} is not available")

@@ -6,6 +6,8 @@ from flask import request
 
 from serving import errors
 
+MAX_VERSION = 2**63 - 1  # TF Serving versions are int64
+
 
 def read_pin() -> tuple[int | None, str | None]:
     """Optional model pinning from the query string or the JSON body: version or label."""
@@ -16,12 +18,14 @@ def read_pin() -> tuple[int | None, str | None]:
     if version is not None and label is not None:
         raise errors.bad_request("give either 'version' or 'label', not both")
     if version is not None:
+        if isinstance(version, bool) or not isinstance(version, (int, str)):
+            raise errors.bad_request("'version' must be a positive integer")
         try:
             version = int(version)
-        except (TypeError, ValueError):
+        except ValueError:
             raise errors.bad_request("'version' must be a positive integer") from None
-        if version < 1:
-            raise errors.out_of_range("'version' must be a positive integer")
+        if not 1 <= version <= MAX_VERSION:
+            raise errors.out_of_range(f"'version' must be between 1 and {MAX_VERSION}")
     if label is not None and (not isinstance(label, str) or not label):
         raise errors.bad_request("'label' must be a non-empty string")
     return version, label

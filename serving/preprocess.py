@@ -69,6 +69,9 @@ def to_grey(image: Image.Image) -> np.ndarray:
         return np.clip(values / top, 0, 1)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info)
+    if max(image.size) > WORKING_SIDE:  # shrink first: every copy below is then small
+        image = image.convert("RGBA" if has_alpha else "RGB") if image.mode in ("P", "PA", "1") else image
+        image.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.BOX)
     if has_alpha:
         # A canvas PNG's transparent pixels are black in RGB: composite them over white.
         rgba = image.convert("RGBA")
@@ -113,11 +116,14 @@ def scale_into_box(crop: np.ndarray) -> np.ndarray:
     height, width = crop.shape
     scale = BOX / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = Image.fromarray((crop * 255).astype(np.uint8)).resize(
+    # Float ("F") images keep faint, thin strokes of big canvases from rounding to zero.
+    resized = Image.fromarray(crop.astype(np.float32), mode="F").resize(
         size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    box = np.asarray(resized, dtype=np.float32) / 255.0
+    box = np.clip(np.asarray(resized, dtype=np.float32), 0.0, None)
     peak = box.max()
-    return box / peak if peak > 0 else box
+    if not peak > 0:
+        raise NoInk("the drawing is too faint or too sparse to read")
+    return box / peak
 
 
 def centre_by_mass(box: np.ndarray) -> np.ndarray:

@@ -48,16 +48,21 @@ def generate():
     first, served = call(gateway, "serving_default", {
         "prompt": np.array([params["prompt"].encode("utf-8")]),
         **scalars(min(chunk, params["max_chars"]), params)}, version, label)
-    return Response(stream_with_context(events(gateway, params, first, served, chunk)),
+    pinned = version is not None or label is not None
+    return Response(stream_with_context(events(gateway, params, first, served, chunk, pinned)),
                     mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def events(gateway, params: dict, first: dict, served: int, chunk: int):
-    """Server-sent events: `chunk` events as text is written, then `done` (or `error`)."""
+def events(gateway, params: dict, first: dict, served: int, chunk: int, pinned: bool):
+    """Server-sent events: `chunk` events as text is written, then `done` (or `error`).
+
+    Each chunk continues from the previous chunk's state on the version that started the stream.
+    If a rollout unloads that version mid-stream (and the request did not pin one), the stream
+    carries on with the new version, which first reads the prompt and the text so far."""
     chunks = current_app.extensions["generation_chunks"]
     written, outputs = 0, first
-    pieces = []
+    pieces, versions = [], [served]
     while True:
         piece = outputs["text"][0].decode("utf-8", errors="replace")
         pieces.append(piece)
@@ -66,15 +71,25 @@ def events(gateway, params: dict, first: dict, served: int, chunk: int):
         yield sse("chunk", {"text": piece})  # a client that went away ends the generator here
         if written >= params["max_chars"] or not piece:
             break
+        size = scalars(min(chunk, params["max_chars"] - written), params)
         try:
-            outputs, _ = call(gateway, "continue", {
-                "state": outputs["state"], "position": np.int32(written),
-                **scalars(min(chunk, params["max_chars"] - written), params)}, served, None)
+            try:
+                outputs, _ = call(gateway, "continue", {
+                    "state": outputs["state"], "position": np.int32(written), **size},
+                    versions[-1], None)
+            except errors.ApiError as error:
+                if pinned or error.status != 404:
+                    raise
+                so_far = (params["prompt"] + "".join(pieces)).encode("utf-8")
+                outputs, now = call(gateway, "serving_default",
+                                    {"prompt": np.array([so_far]), **size}, None, None)
+                versions.append(now)
         except errors.ApiError as error:
             yield sse("error", {"error": {"code": error.code, "message": error.message}})
             return
-    yield sse("done", {"model": {"name": gateway.settings.text_model, "version": served},
-                       "prompt": params["prompt"], "text": "".join(pieces), "seed": params["seed"]})
+    yield sse("done", {"model": {"name": gateway.settings.text_model, "version": versions[-1]},
+                       "versions": versions, "prompt": params["prompt"], "text": "".join(pieces),
+                       "seed": params["seed"]})
 
 
 def sse(event: str, data: dict) -> str:
@@ -124,6 +139,10 @@ def read_params(max_prompt_chars: int) -> dict:
     temperature = body.get("temperature", DEFAULTS["temperature"])
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise errors.bad_request("'temperature' must be a number")
+    try:
+        temperature = float(temperature)
+    except OverflowError:
+        raise errors.out_of_range(f"'temperature' must be above 0 and at most {MAX_TEMPERATURE}") from None
     if not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
         raise errors.out_of_range(f"'temperature' must be above 0 and at most {MAX_TEMPERATURE}")
     params["temperature"] = float(temperature)

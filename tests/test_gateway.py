@@ -97,6 +97,10 @@ PNG = {"Content-Type": "image/png"}
      422, "no_ink"),
     ({"files": {"other": ("x.png", b"x")}}, 400, "bad_request"),
     ({"params": {"version": "abc"}, "json": {"pixels": [[0.0] * 28] * 28}}, 400, "bad_request"),
+    ({"params": {"version": "99999999999999999999"}, "json": {"pixels": [[0.0] * 28] * 28}},
+     422, "out_of_range"),
+    ({"json": {"pixels": [[0.0] * 28] * 28, "version": 1.5}}, 400, "bad_request"),
+    ({"json": {"pixels": [[0.0] * 28] * 28, "version": True}}, 400, "bad_request"),
 ])
 def test_bad_input_gets_its_4xx_json_error(gateway, kwargs, status, code):
     response = predict(gateway, **kwargs)
@@ -105,6 +109,14 @@ def test_bad_input_gets_its_4xx_json_error(gateway, kwargs, status, code):
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
     assert "Traceback" not in response.text and "/work" not in response.text
+
+
+def test_sparse_specks_on_a_huge_canvas_are_not_a_server_error(gateway):
+    canvas = Image.new("L", (1000, 1000), 255)
+    canvas.putpixel((100, 100), 0)
+    canvas.putpixel((900, 900), 0)
+    response = predict(gateway, data=png_bytes(canvas), headers=PNG)
+    assert response.status_code in (200, 422), response.text
 
 
 def test_body_over_the_limit_is_413(gateway):

@@ -38,6 +38,14 @@ def test_push_creates_the_next_integer_version(trained, tmp_path):
     assert_every_version_complete(tmp_path / "m", export)
 
 
+def test_version_numbers_are_never_reused_after_a_rollback(trained, tmp_path):
+    export = export_copy(trained, tmp_path)
+    model_dir = tmp_path / "m"
+    assert [push_version(export, model_dir) for _ in range(3)] == [1, 2, 3]
+    shutil.rmtree(model_dir / "3")  # roll back by removing the newest version
+    assert push_version(export, model_dir) == 4  # a client pinned to 3 never gets another model
+
+
 def test_push_killed_at_random_moments_never_leaves_a_partial_version(trained, tmp_path):
     export = export_copy(trained, tmp_path, padding_mb=40)
     model_dir = tmp_path / "models" / "digits"

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bard":
             return bard_job.run(args.profile, args.corpus, args.model_base, args.runs_dir,
                                 steps=args.steps, max_val_loss=args.max_val_loss)
+        failures = []  # one model failing must not keep the other from training
         for name, job in (("digits", digits_job), ("bard", bard_job)):
             version = latest_version(args.model_base / name)
             if version is not None:
@@ -53,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             code = job.run(args.profile, "auto", args.model_base, args.runs_dir)
             if code != EXIT_PUSHED:
-                return code
-        return EXIT_PUSHED
+                failures.append((name, code))
+        for name, code in failures:
+            print(f"{name}: no version pushed (exit status {code}); the gateway reports it as "
+                  f"not available", file=sys.stderr)
+        return failures[0][1] if failures else EXIT_PUSHED
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"{args.command}: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -42,17 +42,19 @@ def bless(metric: str, value: float, baseline: float | None, *, threshold: float
 
 
 def write_warmup_requests(export_dir: Path, model_name: str, examples: list[dict]) -> None:
-    """Write TF Serving warmup records: one PredictionLog per example request."""
+    """Write TF Serving warmup records: one PredictionLog per example request. An example may
+    name its signature under the key "__signature__" (default serving_default)."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     path = Path(export_dir) / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for inputs in examples:
+        for example in examples:
+            inputs = dict(example)
             request = predict_pb2.PredictRequest()
             request.model_spec.name = model_name
-            request.model_spec.signature_name = "serving_default"
+            request.model_spec.signature_name = inputs.pop("__signature__", "serving_default")
             for key, value in inputs.items():
                 request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(

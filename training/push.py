@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 STAGING_PREFIX = ".push-"
+HIGH_WATER = ".highest-version"  # numbers are never reused, even after a rollback removed one
 STALE_AFTER_SECONDS = 24 * 3600
 
 
@@ -44,7 +45,7 @@ def push_version(export_dir: Path, model_dir: Path) -> int:
         _copy_saved_model_last(export_dir, staging)
         while True:
             existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
-            version = max(existing, default=0) + 1
+            version = max(existing + [_high_water(model_dir)], default=0) + 1
             try:
                 # rename(2) of a directory onto a non-empty one fails, so a concurrent
                 # pusher that took this number first makes us try the next one.
@@ -53,11 +54,27 @@ def push_version(export_dir: Path, model_dir: Path) -> int:
             except OSError:
                 if not (model_dir / str(version)).exists():
                     raise
+        _record_high_water(model_dir, version)
         _fsync_dir(model_dir)
         return version
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _high_water(model_dir: Path) -> int:
+    try:
+        return int((model_dir / HIGH_WATER).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _record_high_water(model_dir: Path, version: int) -> None:
+    if version <= _high_water(model_dir):
+        return
+    tmp = model_dir / f"{HIGH_WATER}.{os.getpid()}.tmp"
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, model_dir / HIGH_WATER)
 
 
 def remove_stale_staging(model_dir: Path) -> None:

@@ -35,8 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_base_path", help="single-model mode: its base path")
     parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                         help="seconds between polls for new versions (default 1)")
+    parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0,
+                        help="seconds between re-reads of --model_config_file; 0: read once")
     parser.add_argument("--enable_model_warmup", type=_bool, default=True,
                         help="accepted for compatibility: warmup records always run")
+    parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                        help="threads per TensorFlow op; 0: TensorFlow's default")
+    parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                        help="threads running independent ops; 0: TensorFlow's default")
+    parser.add_argument("--enable_batching", type=_bool, default=False)
+    parser.add_argument("--batching_parameters_file",
+                        help="BatchingParameters text file; read and checked (the embedded server "
+                             "does not batch yet)")
+    parser.add_argument("--monitoring_config_file",
+                        help="MonitoringConfig text file: Prometheus metrics on the REST port")
     parser.add_argument("--base_path_map", action="append", default=[], metavar="FROM=TO",
                         help="serve base path FROM (e.g. /models) from local folder TO")
     args = parser.parse_args(argv)
@@ -44,23 +56,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --model_config_file and --model_base_path")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from serving.model_server import parse_base_path_map, start_model_server
+    from serving.model_server import (
+        parse_base_path_map,
+        read_batching_parameters,
+        read_monitoring_config,
+        start_model_server,
+    )
 
     config_file = args.model_config_file
     if args.model_base_path:
         config_file = Path(tempfile.mkdtemp()) / "models.config"
         config_file.write_text(f'model_config_list {{ config {{ name: "{args.model_name}" '
                                f'base_path: "{args.model_base_path}" model_platform: "tensorflow" }} }}')
+    log = logging.getLogger("scribe.model_server")
     try:
         mapping = parse_base_path_map(args.base_path_map)
+        prometheus_path = None
+        if args.monitoring_config_file:
+            prometheus_path = read_monitoring_config(args.monitoring_config_file)
+        if args.batching_parameters_file:
+            batching = read_batching_parameters(args.batching_parameters_file)
+            log.info("batching parameters %s (enable_batching=%s): requests run unbatched here",
+                     batching, args.enable_batching)
         server = start_model_server(config_file, mapping, args.port,
                                     args.rest_api_port or None, "0.0.0.0",
-                                    args.file_system_poll_wait_seconds)
+                                    args.file_system_poll_wait_seconds,
+                                    args.model_config_file_poll_wait_seconds, prometheus_path,
+                                    args.tensorflow_intra_op_parallelism,
+                                    args.tensorflow_inter_op_parallelism)
     except (OSError, ValueError) as error:
         print(f"model server: {error}", file=sys.stderr)
         return 1
     rest = f", REST on port {server.rest_port}" if server.rest_port else ""
-    logging.getLogger("scribe.model_server").info("serving gRPC on port %d%s", server.grpc_port, rest)
+    log.info("serving gRPC on port %d%s", server.grpc_port, rest)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from concurrent import futures
 
 import grpc
@@ -16,6 +18,7 @@ from tensorflow_serving.apis import (
 
 from serving.model_server.servables import ServableManager, ServingError
 
+log = logging.getLogger("scribe.model_server")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # above gRPC's 4 MB default, like TF Serving's own server
 
 
@@ -33,15 +36,22 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
 
     def Predict(self, request, context):
+        started = time.perf_counter()
         try:
             servable = self.manager.servable(*_spec(request.model_spec))
             inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
             outputs = servable.predict(request.model_spec.signature_name, inputs,
                                        list(request.output_filter) or None)
-        except ServingError as error:
+        except (ServingError, ValueError) as error:  # ValueError: a TensorProto that does not decode
+            if not isinstance(error, ServingError):
+                error = ServingError("INVALID_ARGUMENT", str(error))
+            self.manager.metrics.observe(self._label(request.model_spec.name), "predict", error.code,
+                                         time.perf_counter() - started)
             _abort(context, error)
-        except ValueError as error:  # a TensorProto that does not decode
-            _abort(context, ServingError("INVALID_ARGUMENT", str(error)))
+        except Exception as error:  # never an opaque UNKNOWN: say INTERNAL and log it
+            log.exception("Predict failed")
+            _abort(context, ServingError("INTERNAL", f"{type(error).__name__}: {error}"))
+        self.manager.metrics.observe(servable.name, "predict", "OK", time.perf_counter() - started)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
@@ -49,6 +59,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
         return response
+
+    def _label(self, name: str) -> str:
+        return name if name in self.manager.models else "unknown"  # bounded label values
 
     def GetModelMetadata(self, request, context):
         if list(request.metadata_field) != ["signature_def"]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 
 import numpy as np
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from google.protobuf import json_format
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tensorflow_serving.apis import get_model_metadata_pb2
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
@@ -23,8 +26,13 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION":
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
 
-def create_rest_app(manager: ServableManager) -> Flask:
+def create_rest_app(manager: ServableManager, prometheus_path: str | None = None) -> Flask:
     app = Flask("scribe_model_server_rest")
+
+    if prometheus_path:
+        @app.get(prometheus_path)
+        def prometheus():
+            return Response(generate_latest(manager.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(ServingError)
     def serving_error(error: ServingError):
@@ -33,6 +41,11 @@ def create_rest_app(manager: ServableManager) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         return jsonify(error=error.description), error.code
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        app.logger.exception("REST request failed")
+        return jsonify(error=f"internal error: {type(error).__name__}"), 500
 
     def resolve(name, version=None, label=None):
         return manager.servable(name, version, label)
@@ -68,7 +81,7 @@ def create_rest_app(manager: ServableManager) -> Flask:
             raise ServingError("INVALID_ARGUMENT", "JSON Parse error: the body must be a JSON object")
         servable = resolve(name, version, label)
         signature = body.get("signature_name") or "serving_default"
-        if signature not in servable.signature_defs:
+        if not isinstance(signature, str) or signature not in servable.signature_defs:
             raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not found")
         input_names = list(servable.signature_defs[signature].inputs)
         if ("instances" in body) == ("inputs" in body):
@@ -77,7 +90,14 @@ def create_rest_app(manager: ServableManager) -> Flask:
         row_format = "instances" in body
         inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
             else _columns_to_inputs(body["inputs"], input_names)
-        outputs = servable.predict(signature, inputs)
+        started = time.perf_counter()
+        try:
+            outputs = servable.predict(signature, inputs)
+        except ServingError as error:
+            manager.metrics.observe(servable.name, "predict_rest", error.code,
+                                    time.perf_counter() - started)
+            raise
+        manager.metrics.observe(name, "predict_rest", "OK", time.perf_counter() - started)
         if row_format:
             return jsonify(predictions=_outputs_to_rows(outputs))
         columns = {key: _to_json(value) for key, value in outputs.items()}
@@ -109,9 +129,10 @@ def _rows_to_inputs(instances, input_names: list[str]) -> dict[str, np.ndarray]:
     if not isinstance(instances, list) or not instances:
         raise ServingError("INVALID_ARGUMENT", "'instances' must be a non-empty list")
     if all(isinstance(row, dict) and "b64" not in row for row in instances):
-        columns = {name: [row.get(name) for row in instances] for name in input_names}
-        if any(v is None for values in columns.values() for v in values):
-            raise ServingError("INVALID_ARGUMENT", f"every instance needs the inputs {input_names}")
+        if any(set(row) != set(input_names) for row in instances):
+            raise ServingError("INVALID_ARGUMENT",
+                               f"every instance must name exactly the inputs {input_names}")
+        columns = {name: [row[name] for row in instances] for name in input_names}
         return {name: _array(values, name) for name, values in columns.items()}
     if len(input_names) != 1:
         raise ServingError("INVALID_ARGUMENT", f"instances must be objects naming {input_names}")
@@ -145,8 +166,9 @@ def _outputs_to_rows(outputs: dict[str, np.ndarray]):
     return [{key: column[i] for key, column in columns.items()} for i in range(batch)]
 
 
-def start_rest_server(manager: ServableManager, port: int, host: str = "0.0.0.0"):
+def start_rest_server(manager: ServableManager, port: int, host: str = "0.0.0.0",
+                      prometheus_path: str | None = None):
     """Serve the REST API in a background thread. Returns the server and its port."""
-    server = make_server(host, port, create_rest_app(manager), threaded=True)
+    server = make_server(host, port, create_rest_app(manager, prometheus_path), threaded=True)
     threading.Thread(target=server.serve_forever, name="rest-api", daemon=True).start()
     return server, server.server_port

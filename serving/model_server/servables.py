@@ -65,8 +65,13 @@ class Servable:
             feed = {key: tf.constant(value, dtype=tf.dtypes.as_dtype(expected[key].dtype))
                     for key, value in inputs.items()}
             outputs = fn(**feed)
-        except (TypeError, ValueError, tf.errors.InvalidArgumentError) as exc:
+        except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", _first_line(exc)) from None
+        except tf.errors.OpError as exc:  # keep TensorFlow's own code: RESOURCE_EXHAUSTED, ...
+            code = exc.error_code
+            name = {3: "INVALID_ARGUMENT", 8: "RESOURCE_EXHAUSTED", 4: "DEADLINE_EXCEEDED",
+                    9: "FAILED_PRECONDITION", 11: "OUT_OF_RANGE"}.get(code, "INTERNAL")
+            raise ServingError(name, _first_line(exc)) from None
         wanted = output_filter or list(outputs)
         unknown = [key for key in wanted if key not in outputs]
         if unknown:
@@ -121,14 +126,47 @@ class ServableManager:
     """Keeps the versions that each model's version policy asks for loaded."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
-                 base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0):
+                 base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0,
+                 config_file: str | Path | None = None, config_poll_seconds: float = 0):
         self.poll_seconds = poll_seconds
-        self._lock = threading.Lock()
+        self.base_path_map = base_path_map
+        self.config_file, self.config_poll_seconds = config_file, config_poll_seconds
+        self._config_checked = time.monotonic()
+        self._lock = threading.Lock()  # guards loaded/states against the request threads
+        self._reconcile_lock = threading.Lock()  # one poll at a time (poller thread or a test)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.metrics = ServerMetrics()
         self.models: dict[str, ModelEntry] = {}
-        for model in config.model_config_list.config:
-            self.models[model.name] = ModelEntry(model, map_base_path(model.base_path, base_path_map))
+        self.apply_config(config)
+
+    def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Serve the models `config` lists: new ones are added, removed ones dropped, changed
+        base paths, policies or labels take effect from the next poll."""
+        wanted = {m.name: m for m in config.model_config_list.config}
+        with self._lock:
+            for name in list(self.models):
+                if name not in wanted:
+                    del self.models[name]
+                    log.info("model %s removed from the config", name)
+            for name, model in wanted.items():
+                base = map_base_path(model.base_path, self.base_path_map)
+                entry = self.models.get(name)
+                if entry is None or entry.base_path != base:
+                    self.models[name] = ModelEntry(model, base)
+                else:
+                    entry.config = model
+
+    def _reload_config_if_due(self) -> None:
+        if not self.config_file or time.monotonic() - self._config_checked < self.config_poll_seconds:
+            return
+        self._config_checked = time.monotonic()
+        from serving.model_server import read_model_config
+
+        try:
+            self.apply_config(read_model_config(self.config_file))
+        except Exception as error:  # a bad edit keeps the running config, as TF Serving does
+            log.error("cannot reload %s: %s", self.config_file, _first_line(error))
 
     # -- lookups used by the APIs ------------------------------------------------------
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
@@ -196,11 +234,13 @@ class ServableManager:
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
-        for entry in self.models.values():
-            try:
-                self._reconcile(entry)
-            except Exception:  # a poll must never kill the poller
-                log.exception("polling %s failed", entry.config.name)
+        with self._reconcile_lock:
+            self._reload_config_if_due()
+            for entry in list(self.models.values()):
+                try:
+                    self._reconcile(entry)
+                except Exception:  # a poll must never kill the poller
+                    log.exception("polling %s failed", entry.config.name)
 
     def _reconcile(self, entry: ModelEntry) -> None:
         name = entry.config.name
@@ -235,6 +275,27 @@ class ServableManager:
             for version in [v for v, s in entry.states.items()
                             if v not in on_disk and s.state != END]:
                 entry.states[version] = VersionState(END)
+
+
+class ServerMetrics:
+    """Prometheus metrics named like TF Serving's own, served at the monitoring config's path."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(":tensorflow:serving:request_count", "Predict requests",
+                                ["model_name", "API", "status"], registry=self.registry)
+        self.latency = Histogram(":tensorflow:serving:request_latency", "Predict latency (seconds)",
+                                 ["model_name", "API"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                          0.5, 1, 2.5, 5, 10))
+
+    def observe(self, model: str, api: str, status: str, seconds: float) -> None:
+        self.requests.labels(model, api, status).inc()
+        if status != "OK":
+            return
+        self.latency.labels(model, api).observe(seconds)
 
 
 def map_base_path(base_path: str, mapping: dict[str, str] | None) -> Path:

@@ -1,0 +1,205 @@
+"""docker-compose deployment, checked statically (no Docker engine here), and the tfserving
+service's own command line run through the embedded model server."""
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+import tensorflow as tf
+import yaml
+from conftest import ROOT, copy_model_base, free_port
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving.config import Settings
+from serving.model_server import read_batching_parameters, read_model_config, read_monitoring_config
+
+GPU = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` tag (used by the CPU override file)."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": True})
+
+
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    stages, current = {}, None
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        match = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line)
+        if match:
+            current = match.group(2)
+            stages[current] = [line]
+        elif current:
+            stages[current].append(line)
+    return stages
+
+
+def tf_version() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(d.split("==")[1] for d in deps if d.startswith("tensorflow=="))
+
+
+@pytest.fixture(scope="module")
+def services():
+    return compose()["services"]
+
+
+def test_one_tensorflow_version_everywhere(services):
+    version = tf_version()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"tensorflow-serving-api=={version}" in deps
+    constraints = (ROOT / "constraints.txt").read_text().splitlines()
+    assert f"tensorflow=={version}" in constraints and f"tensorflow-serving-api=={version}" in constraints
+    assert services["tfserving"]["image"] == f"tensorflow/serving:{version}-gpu"
+    cpu = compose("docker-compose.cpu.yml")["services"]
+    assert cpu["tfserving"]["image"] == f"tensorflow/serving:{version}"
+    assert f"ARG TF_VERSION={version}" in (ROOT / "Dockerfile").read_text()
+
+
+def test_every_image_is_pinned(services):
+    images = [s["image"] for s in services.values() if "image" in s]
+    images += [s["image"] for s in compose("docker-compose.cpu.yml")["services"].values() if "image" in s]
+    text = (ROOT / "Dockerfile").read_text()
+    images += re.findall(r"ARG \w+_IMAGE=(\S+)", text)
+    for image in images:
+        assert ":" in image and not image.endswith(":latest"), image
+        assert re.search(r":[\w.-]*\d", image) or "${" in image, f"{image} has no version tag"
+
+
+def test_gpu_reservations_are_on_tfserving_and_trainers_only(services):
+    for name in ("tfserving", "trainer-digits", "trainer-bard"):
+        assert services[name]["deploy"]["resources"]["reservations"]["devices"] == [GPU], name
+    assert "deploy" not in services["gateway"]
+    cpu = compose("docker-compose.cpu.yml")["services"]
+    for name in ("tfserving", "trainer-digits", "trainer-bard"):
+        assert cpu[name]["deploy"] == {"!reset": True}
+
+
+def test_trainers_are_behind_the_train_profile_with_the_gpu_profile(services):
+    for name, model in (("trainer-digits", "digits"), ("trainer-bard", "bard")):
+        service = services[name]
+        assert service["profiles"] == ["train"]
+        assert service["build"]["target"] == "trainer"
+        command = service["command"]
+        assert command[0] == model and command[command.index("--profile") + 1] == "gpu"
+
+
+def test_trainers_write_where_tf_serving_reads(services):
+    config = read_model_config(ROOT / "serving" / "models.config")
+    served_base = {c.name: c.base_path for c in config.model_config_list.config}
+    assert "models:/models:ro" in services["tfserving"]["volumes"]
+    for name, model in (("trainer-digits", "digits"), ("trainer-bard", "bard")):
+        service = services[name]
+        assert "models:/models" in service["volumes"]
+        model_base = service["command"][service["command"].index("--model-base") + 1]
+        assert f"{model_base}/{model}" == served_base[model]  # training pushes <base>/<name>/<N>
+
+
+def test_ports_healthchecks_and_depends_on(services):
+    assert services["tfserving"]["ports"] == ["8500:8500", "8501:8501"]
+    assert services["gateway"]["ports"] == ["8080:8080"]
+    assert services["gateway"]["environment"]["SCRIBE_MODEL_SERVER"] == "tfserving:8500"
+    assert services["gateway"]["depends_on"] == {"tfserving": {"condition": "service_healthy"}}
+    health = services["tfserving"]["healthcheck"]["test"]
+    assert health[:3] == ["CMD", "bash", "-c"] and "curl" not in health[3]  # the image has no curl
+    assert "HEALTHCHECK" in "\n".join(dockerfile_stages()["gateway"])
+
+
+def test_tfserving_flags(services):
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in services["tfserving"]["command"])
+    assert services["tfserving"]["entrypoint"] == ["tensorflow_model_server"]
+    assert flags["model_config_file"] == "/config/models.config"
+    assert float(flags["file_system_poll_wait_seconds"]) > 0
+    assert flags["enable_batching"] == "true"
+    assert flags["batching_parameters_file"] == "/config/batching.config"
+    assert flags["monitoring_config_file"] == "/config/monitoring.config"
+    assert flags["enable_model_warmup"] == "true"
+
+
+def test_every_referenced_file_exists(services):
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), volume
+        if "build" in service:
+            assert service["build"]["target"] in dockerfile_stages()
+            assert (ROOT / service["build"]["context"] / "Dockerfile").exists()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY"):
+            for source in shlex.split(line)[1:-1]:
+                assert (ROOT / source).exists(), line
+
+
+def test_config_files_parse_and_name_the_models_the_gateway_calls():
+    config = read_model_config(ROOT / "serving" / "models.config")
+    settings = Settings()
+    assert {c.name for c in config.model_config_list.config} == {settings.digits_model, settings.text_model}
+    assert read_batching_parameters(ROOT / "serving" / "batching.config")["max_batch_size"] > 1
+    assert read_monitoring_config(ROOT / "serving" / "monitoring.config") == "/monitoring/prometheus/metrics"
+
+
+def test_dockerfile_runs_as_non_root_and_lints_clean():
+    for name, lines in dockerfile_stages().items():
+        users = [line.split()[1] for line in lines if line.startswith("USER")]
+        assert users and users[-1] not in ("root", "0"), f"stage {name} runs as root"
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_tfserving_command_line_serves_through_the_embedded_model_server(
+        services, trained, trained_bard, tmp_path):
+    """The flags in compose are the flags we test: the same command line, with the container's
+    paths mapped to this checkout and a temporary models folder."""
+    base = copy_model_base(trained, tmp_path / "models")
+    copy_model_base(trained_bard, base)
+    mounts = {v.split(":")[1]: str(ROOT / v.split(":")[0]) for v in services["tfserving"]["volumes"]
+              if v.startswith(".")}
+    grpc_port, rest_port = free_port(), free_port()
+    args = []
+    for arg in services["tfserving"]["command"]:
+        flag, value = arg.split("=", 1)
+        value = mounts.get(value, value)
+        value = {"--port": str(grpc_port), "--rest_api_port": str(rest_port)}.get(flag, value)
+        args.append(f"{flag}={value}")
+    process = subprocess.Popen([sys.executable, "-m", "serving.model_server", *args,
+                                f"--base_path_map=/models={base}"], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        healthcheck = services["tfserving"]["healthcheck"]["test"][3].replace("8501", str(rest_port))
+        deadline = time.monotonic() + 90
+        while subprocess.run(["bash", "-c", healthcheck], capture_output=True).returncode != 0:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the compose healthcheck never passed"
+            time.sleep(0.3)
+        rest = f"http://127.0.0.1:{rest_port}"
+        for model in ("digits", "bard"):
+            while requests.get(f"{rest}/v1/models/{model}", timeout=10).json()[
+                    "model_version_status"][0]["state"] != "AVAILABLE":
+                assert time.monotonic() < deadline, f"{model} never became AVAILABLE"
+                time.sleep(0.3)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "digits"
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(tf.zeros([2, 28, 28]).numpy()))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+        assert tf.make_ndarray(response.outputs["digit"]).shape == (2,)
+        metrics = requests.get(rest + "/monitoring/prometheus/metrics", timeout=10).text
+        assert ':tensorflow:serving:request_count_total{API="predict",model_name="digits",status="OK"}' \
+            in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
