@@ -66,6 +66,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(digits)
     app.register_blueprint(text)
 
+    @app.get("/")
+    def drawing_page():
+        return app.send_static_file("index.html")
+
     @app.get("/healthz")
     def healthz():
         return jsonify(status="ok")

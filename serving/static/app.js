@@ -1,0 +1,184 @@
+// Scribe's drawing page: plain JavaScript, no dependencies, served by the gateway.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+// ---- Models: which versions answer, and whether each is available -------------------------
+async function refreshModels() {
+  try {
+    const response = await fetch("/v1/models");
+    const body = await response.json();
+    $("models").innerHTML = "";
+    for (const model of body.models) {
+      const span = document.createElement("span");
+      span.textContent = model.available
+        ? `${model.name} v${model.serving_version} ` : `${model.name}: not available `;
+      if (!model.available) span.className = "warn";
+      $("models").appendChild(span);
+    }
+  } catch (error) {
+    $("models").textContent = "The model server cannot be reached.";
+    $("models").className = "warn";
+  }
+}
+refreshModels();
+setInterval(refreshModels, 10000);
+
+// ---- Drawing -------------------------------------------------------------------------------
+const canvas = $("digit-canvas");
+const pen = canvas.getContext("2d");
+let drawing = false;
+let predictions = 0; // answers to older strokes are ignored when a newer one is on its way
+
+function clearCanvas() {
+  pen.fillStyle = "#fff";
+  pen.fillRect(0, 0, canvas.width, canvas.height);
+  $("digit-result").textContent = "Draw a digit above.";
+  $("bars").innerHTML = "";
+}
+
+function point(event) {
+  const box = canvas.getBoundingClientRect(); // the canvas may be scaled by CSS
+  return [(event.clientX - box.left) * canvas.width / box.width,
+          (event.clientY - box.top) * canvas.height / box.height];
+}
+
+canvas.addEventListener("pointerdown", (event) => {
+  drawing = true;
+  canvas.setPointerCapture(event.pointerId);
+  pen.lineWidth = 18;
+  pen.lineCap = pen.lineJoin = "round";
+  pen.strokeStyle = "#000";
+  pen.beginPath();
+  pen.moveTo(...point(event));
+  pen.lineTo(...point(event));
+  pen.stroke();
+});
+canvas.addEventListener("pointermove", (event) => {
+  if (!drawing) return;
+  pen.lineTo(...point(event));
+  pen.stroke();
+});
+function endStroke() {
+  if (!drawing) return;
+  drawing = false;
+  canvas.toBlob((blob) => predict(blob), "image/png");
+}
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke);
+$("clear").addEventListener("click", clearCanvas);
+$("upload").addEventListener("change", () => {
+  const file = $("upload").files[0];
+  if (file) predict(file);
+});
+
+async function predict(blob) {
+  const mine = ++predictions;
+  const form = new FormData();
+  form.append("image", blob, "drawing.png");
+  $("digit-result").textContent = "Reading…";
+  try {
+    const response = await fetch("/v1/digits/predict", { method: "POST", body: form });
+    const body = await response.json();
+    if (mine !== predictions) return;
+    if (!response.ok) {
+      $("digit-result").textContent = body.error ? body.error.message : `Error ${response.status}`;
+      $("bars").innerHTML = "";
+      return;
+    }
+    showPrediction(body.predictions[0], body.model);
+  } catch (error) {
+    if (mine === predictions) $("digit-result").textContent = "The gateway cannot be reached.";
+  }
+}
+
+function showPrediction(prediction, model) {
+  const result = $("digit-result");
+  result.innerHTML = "";
+  const digit = document.createElement("strong");
+  digit.textContent = prediction.digit;
+  digit.dataset.digit = prediction.digit;
+  result.append(digit, ` ${(prediction.confidence * 100).toFixed(1)}% sure ` +
+                `(${model.name} v${model.version})`);
+  result.dataset.digit = prediction.digit;
+  const bars = $("bars");
+  bars.innerHTML = "";
+  prediction.probabilities.forEach((p, d) => {
+    const item = document.createElement("li");
+    if (d === prediction.digit) item.className = "best";
+    const label = document.createElement("span");
+    label.textContent = d;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${(p * 100).toFixed(1)}%`;
+    const value = document.createElement("span");
+    value.textContent = `${(p * 100).toFixed(1)}%`;
+    item.append(label, bar, value);
+    bars.appendChild(item);
+  });
+}
+
+// ---- Text generation, streamed as server-sent events over fetch ---------------------------
+let controller = null;
+
+$("text-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (controller) controller.abort();
+  controller = new AbortController();
+  const body = {
+    prompt: $("prompt").value,
+    max_chars: Number($("max-chars").value),
+    temperature: Number($("temperature").value),
+    stream: true,
+  };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  const output = $("generated-text");
+  const status = $("text-status");
+  output.textContent = "";
+  status.textContent = "Writing…";
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  try {
+    const response = await fetch("/v1/text/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      const error = await response.json();
+      status.textContent = error.error ? error.error.message : `Error ${response.status}`;
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const message = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const kind = (message.match(/^event: (.*)$/m) || [])[1];
+        const data = JSON.parse((message.match(/^data: (.*)$/m) || [, "{}"])[1]);
+        if (kind === "chunk") output.textContent += data.text;
+        if (kind === "done") status.textContent = `Written by ${data.model.name} v${data.model.version}, seed ${data.seed}.`;
+        if (kind === "error") status.textContent = data.error.message;
+      }
+    }
+  } catch (error) {
+    status.textContent = error.name === "AbortError" ? "Stopped." : "The gateway cannot be reached.";
+  } finally {
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+    controller = null;
+  }
+});
+
+$("stop").addEventListener("click", () => {
+  if (controller) controller.abort();
+});
+
+clearCanvas();
