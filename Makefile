@@ -29,6 +29,9 @@ test: install
 
 # Benchmarks (not part of make test): figures against baselines measured in the same run.
 bench: train
+	@command -v wrk > /dev/null || { [ "$$(id -u)" -eq 0 ] && S= || S=sudo; \
+	    $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq wrk; }
+	$(PY) bench/http_digits.py
 	$(PY) bench/generation.py
 
 lint: install

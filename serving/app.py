@@ -17,7 +17,12 @@ from serving.config import Settings
 from serving.errors import RETRY_AFTER_SECONDS, register_error_handlers
 from serving.metrics import install_metrics
 from serving.model_client import ModelClient
-from serving.model_server import RunningModelServer, read_model_config, start_model_server
+from serving.model_server import (
+    RunningModelServer,
+    read_batching_parameters,
+    read_model_config,
+    start_model_server,
+)
 
 log = logging.getLogger("scribe.gateway")
 
@@ -49,10 +54,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     embedded = None
     target = settings.model_server
     if not target:
+        batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
         embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
                                       grpc_port=0, host="127.0.0.1",
                                       poll_seconds=settings.poll_seconds,
-                                      intra_op_threads=settings.intra_op_threads)
+                                      intra_op_threads=settings.intra_op_threads,
+                                      batching=batching)
         target = f"127.0.0.1:{embedded.grpc_port}"
         log.info("embedded model server on %s, models from %s", target, settings.model_dir)
     app.extensions["scribe"] = Gateway(settings, ModelClient(target, settings.model_timeout_seconds),

@@ -18,6 +18,7 @@ class Settings:
     model_dir: str = str(ROOT / "models")  # local folder for the config's /models base paths
     poll_seconds: float = 1.0  # embedded server: how often to look for new versions
     intra_op_threads: int = 1  # embedded server: TensorFlow threads per op (0: TF's default)
+    batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # decompression bomb guard, checked before decoding

@@ -56,7 +56,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)  # the first frame of an animation
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+        return image
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise InvalidImage("the image is truncated or corrupt") from None
 

@@ -93,3 +93,12 @@ def test_not_an_image_and_truncated_png_are_invalid():
 def test_dimensions_are_checked_before_decoding():
     with pytest.raises(ImageTooLarge):
         decode_image(png_bytes(Image.new("L", (300, 300))), max_pixels=200 * 200)
+
+
+def test_exif_rotated_photo_is_turned_upright(reference):
+    upright = draw_digit(7)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # how a phone stores a turned shot
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    data = png_bytes(stored, format="JPEG", quality=95, exif=exif)
+    assert correlation(preprocess_drawing(decode_image(data, LIMIT)), reference) > 0.95

@@ -106,12 +106,15 @@ def make_generator(model, alphabet: list[str]):
         pair = tf.stack([seed, tf.cast(position, tf.int64)])
         return tf.cast(tf.random.stateless_categorical(logits, 1, seed=pair)[:, 0], tf.int32)
 
-    def read(prompt):
-        chars = tf.strings.unicode_decode(prompt, "UTF-8", errors="replace")
+    def to_ids(texts):
+        """UTF-8 strings -> padded character ids and lengths; unknown characters -> FALLBACK."""
+        chars = tf.strings.unicode_decode(texts, "UTF-8", errors="replace")
         ids = tf.ragged.map_flat_values(
             lambda cp: tf.gather(table, tf.clip_by_value(cp, 0, MAX_CODEPOINT)), chars)
-        lengths = tf.cast(ids.row_lengths(), tf.int32)
-        padded = ids.to_tensor()
+        return ids.to_tensor(), tf.cast(ids.row_lengths(), tf.int32)
+
+    def read(prompt):
+        padded, lengths = to_ids(prompt)
         state = tf.zeros([tf.shape(prompt)[0], units * len(cells)])
 
         def body(t, state):
@@ -152,11 +155,7 @@ def make_generator(model, alphabet: list[str]):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def score(text):
         """Mean nats per character of each text (each character predicted from those before)."""
-        chars = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
-        ids = tf.ragged.map_flat_values(
-            lambda cp: tf.gather(table, tf.clip_by_value(cp, 0, MAX_CODEPOINT)), chars)
-        lengths = tf.cast(ids.row_lengths(), tf.int32)
-        padded = ids.to_tensor()
+        padded, lengths = to_ids(text)
         logits = model(padded[:, :-1], training=False)
         targets = padded[:, 1:]
         nats = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)

@@ -111,7 +111,7 @@ def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | 
                        grpc_port: int = 0, rest_port: int | None = None, host: str = "0.0.0.0",
                        poll_seconds: float = 1.0, config_poll_seconds: float = 0,
                        prometheus_path: str | None = None, intra_op_threads: int = 0,
-                       inter_op_threads: int = 0) -> RunningModelServer:
+                       inter_op_threads: int = 0, batching: dict | None = None) -> RunningModelServer:
     """Start polling versions and serving gRPC (and REST when rest_port is not None)."""
     configure_threads(intra_op_threads, inter_op_threads)
     from serving.model_server.grpc_api import start_grpc_server
@@ -120,7 +120,7 @@ def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | 
 
     manager = ServableManager(read_model_config(config_file), base_path_map, poll_seconds,
                               config_file=config_file if config_poll_seconds else None,
-                              config_poll_seconds=config_poll_seconds)
+                              config_poll_seconds=config_poll_seconds, batching=batching)
     grpc_server, bound = start_grpc_server(manager, grpc_port, host)  # bind before loading
     running = RunningModelServer(manager, grpc_server, bound)
     if rest_port is not None:

@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads running independent ops; 0: TensorFlow's default")
     parser.add_argument("--enable_batching", type=_bool, default=False)
     parser.add_argument("--batching_parameters_file",
-                        help="BatchingParameters text file; read and checked (the embedded server "
-                             "does not batch yet)")
+                        help="BatchingParameters text file (with --enable_batching)")
     parser.add_argument("--monitoring_config_file",
                         help="MonitoringConfig text file: Prometheus metrics on the REST port")
     parser.add_argument("--base_path_map", action="append", default=[], metavar="FROM=TO",
@@ -74,16 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         prometheus_path = None
         if args.monitoring_config_file:
             prometheus_path = read_monitoring_config(args.monitoring_config_file)
-        if args.batching_parameters_file:
-            batching = read_batching_parameters(args.batching_parameters_file)
-            log.info("batching parameters %s (enable_batching=%s): requests run unbatched here",
-                     batching, args.enable_batching)
+        batching = None
+        if args.enable_batching:
+            batching = (read_batching_parameters(args.batching_parameters_file)
+                        if args.batching_parameters_file else {})
+            log.info("dynamic batching: %s", batching or "default parameters")
         server = start_model_server(config_file, mapping, args.port,
                                     args.rest_api_port or None, "0.0.0.0",
                                     args.file_system_poll_wait_seconds,
                                     args.model_config_file_poll_wait_seconds, prometheus_path,
                                     args.tensorflow_intra_op_parallelism,
-                                    args.tensorflow_inter_op_parallelism)
+                                    args.tensorflow_inter_op_parallelism, batching)
     except (OSError, ValueError) as error:
         print(f"model server: {error}", file=sys.stderr)
         return 1

@@ -23,6 +23,8 @@ from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
     FileSystemStoragePathSourceConfig,
 )
 
+from serving.model_server.batching import DynamicBatcher, QueueFull
+
 log = logging.getLogger("scribe.model_server")
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -47,6 +49,22 @@ class Servable:
     path: Path
     model: object
     signature_defs: dict  # name -> meta_graph_pb2.SignatureDef
+    batchers: dict = field(default_factory=dict)  # signature -> DynamicBatcher
+
+    def enable_batching(self, parameters: dict) -> None:
+        """Batch the signatures whose every input and output has a batch dimension (digits);
+        others (bard's scalar parameters) run request by request, as TF Serving needs too."""
+        for name, signature_def in self.signature_defs.items():
+            tensors = list(signature_def.inputs.values()) + list(signature_def.outputs.values())
+            if all(not t.tensor_shape.unknown_rank and t.tensor_shape.dim
+                   and t.tensor_shape.dim[0].size == -1 for t in tensors):
+                self.batchers[name] = DynamicBatcher(
+                    lambda inputs, name=name: self._run(name, inputs), parameters,
+                    f"batch-{self.name}-{self.version}")
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.stop()
 
     def predict(self, signature: str, inputs: dict[str, np.ndarray],
                 output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -54,13 +72,31 @@ class Servable:
         if signature not in self.signature_defs:
             raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not "
                                f"found in signature def")
-        fn = self.model.signatures[signature]
         expected = self.signature_defs[signature].inputs
         missing = sorted(set(expected) - set(inputs))
         extra = sorted(set(inputs) - set(expected))
         if missing or extra:
             raise ServingError("INVALID_ARGUMENT", f"input tensor alias not found in signature: "
                                f"missing {missing}, unexpected {extra}")
+        batcher = self.batchers.get(signature)
+        rows = {np.shape(v)[0] if np.ndim(v) else None for v in inputs.values()}
+        if batcher is not None and len(rows) == 1 and None not in rows:
+            try:
+                outputs = batcher.submit(inputs)
+            except QueueFull as error:
+                raise ServingError("UNAVAILABLE", str(error)) from None
+        else:
+            outputs = self._run(signature, inputs)
+        wanted = output_filter or list(outputs)
+        unknown = [key for key in wanted if key not in outputs]
+        if unknown:
+            raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: "
+                               f"{unknown}")
+        return {key: outputs[key] for key in wanted}
+
+    def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fn = self.model.signatures[signature]
+        expected = self.signature_defs[signature].inputs
         try:
             feed = {key: tf.constant(value, dtype=tf.dtypes.as_dtype(expected[key].dtype))
                     for key, value in inputs.items()}
@@ -72,12 +108,7 @@ class Servable:
             name = {3: "INVALID_ARGUMENT", 8: "RESOURCE_EXHAUSTED", 4: "DEADLINE_EXCEEDED",
                     9: "FAILED_PRECONDITION", 11: "OUT_OF_RANGE"}.get(code, "INTERNAL")
             raise ServingError(name, _first_line(exc)) from None
-        wanted = output_filter or list(outputs)
-        unknown = [key for key in wanted if key not in outputs]
-        if unknown:
-            raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: "
-                               f"{unknown}")
-        return {key: outputs[key].numpy() for key in wanted}
+        return {key: value.numpy() for key, value in outputs.items()}
 
 
 @dataclass
@@ -107,10 +138,12 @@ def read_signature_defs(path: Path) -> dict:
     return {name: defs[name] for name in defs if not name.startswith("__")}
 
 
-def load_servable(name: str, version: int, path: Path) -> Servable:
+def load_servable(name: str, version: int, path: Path, batching: dict | None = None) -> Servable:
     """Load a SavedModel and run its warmup records (if any) before it takes traffic."""
     servable = Servable(name, version, path, tf.saved_model.load(str(path)),
                         read_signature_defs(path))
+    if batching is not None:
+        servable.enable_batching(batching)
     warmup = path / WARMUP_FILE
     if warmup.exists():
         for record in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
@@ -127,8 +160,10 @@ class ServableManager:
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
                  base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0,
-                 config_file: str | Path | None = None, config_poll_seconds: float = 0):
+                 config_file: str | Path | None = None, config_poll_seconds: float = 0,
+                 batching: dict | None = None):
         self.poll_seconds = poll_seconds
+        self.batching = batching  # TF Serving's BatchingParameters, or None: no batching
         self.base_path_map = base_path_map
         self.config_file, self.config_poll_seconds = config_file, config_poll_seconds
         self._config_checked = time.monotonic()
@@ -254,7 +289,7 @@ class ServableManager:
             with self._lock:
                 entry.states[version] = VersionState(LOADING, mtime=on_disk[version])
             try:
-                servable = load_servable(name, version, path)
+                servable = load_servable(name, version, path, self.batching)
             except Exception as exc:
                 message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
                 log.error(message)
@@ -268,7 +303,7 @@ class ServableManager:
         # Unload only what is no longer wanted, after the new versions are serving.
         for version in sorted(set(entry.loaded) - set(wanted)):
             with self._lock:
-                entry.loaded.pop(version)
+                entry.loaded.pop(version).close()
                 entry.states[version] = VersionState(END)
             log.info("unloaded version %d of %s", version, name)
         with self._lock:  # versions that vanished from disk before they loaded are forgotten

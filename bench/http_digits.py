@@ -1,0 +1,224 @@
+"""Digits over HTTP under load (wrk), against baselines measured in the same run.
+
+For concurrency 1, 4, 16 and 64, a 280x280 PNG drawing as the body, requests per second and
+p50/p90/p99 latency for:
+  a. the Scribe gateway under gunicorn with the embedded model server, batching on and off;
+  b. the tutorial baseline: Flask calling Keras `model.predict` per request (same model);
+  c. the floor: the same stack decoding and preprocessing the image, answering without a model.
+Also the gateway's cold start (process start to /readyz 200, or to digits answering) and the
+peak memory (RSS of the whole gunicorn process tree) at 64 concurrent clients.
+
+    python bench/http_digits.py [--model-base models] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 4, 16, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drawing_png() -> bytes:
+    image = Image.new("RGB", (280, 280), "white")
+    ImageDraw.Draw(image).line([(70, 50), (210, 50), (120, 240)], fill="black", width=18)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rss_tree_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, AttributeError):
+            continue
+    return total / 1024
+
+
+class PeakMemory:
+    """Samples the RSS of a process tree every 0.2 s while in the `with` block."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_tree_mb(self.pid))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def wrk(url: str, connections: int, seconds: float, body_file: Path) -> dict:
+    out = subprocess.run(
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+         "--timeout", "10s", "-s", str(ROOT / "bench" / "post_png.lua"), url],
+        capture_output=True, text=True, env={**os.environ, "BODY_FILE": str(body_file)}, timeout=seconds + 60)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}")
+    line = lines[0]
+    result = json.loads(line[len("RESULT "):])
+    result["rps"] = round(result["requests"] / result["seconds"], 1)
+    return result
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict, port: int):
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+
+    def wait_until_answering(self, body: bytes, timeout: float = 180) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"{self.name} exited"
+            try:
+                response = requests.post(self.url + "/v1/digits/predict", data=body, timeout=5,
+                                         headers={"Content-Type": "image/png"})
+                if response.status_code == 200:
+                    return time.monotonic() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} did not answer")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def gunicorn(app: str, port: int) -> list[str]:
+    return [str(BIN / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "16", "-b",
+            f"127.0.0.1:{port}", "--timeout", "120", app]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-base", type=Path, default=ROOT / "models")
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http_digits.json")
+    args = parser.parse_args()
+    versions = sorted((args.model_base / "digits").glob("[0-9]*/saved_model.pb"))
+    if not versions:
+        print(f"no digits version under {args.model_base}: run `make train` first", file=sys.stderr)
+        return 1
+    if not shutil.which("wrk"):
+        print("wrk is missing: apt-get install wrk", file=sys.stderr)
+        return 1
+    body = drawing_png()
+    body_file = Path(tempfile.mkdtemp()) / "drawing.png"
+    body_file.write_bytes(body)
+    gateway_env = {"SCRIBE_MODEL_DIR": str(args.model_base.resolve()), "SCRIBE_WORKERS": "2",
+                   "SCRIBE_THREADS": "16", "SCRIBE_HOST": "127.0.0.1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    setups = [
+        ("scribe, batching on", [sys.executable, "-m", "serving"], gateway_env),
+        ("scribe, batching off", [sys.executable, "-m", "serving"],
+         {**gateway_env, "SCRIBE_BATCHING_CONFIG": ""}),
+        ("keras predict baseline", gunicorn("bench.baseline_keras_app:create_app()", 0),
+         {"SCRIBE_BENCH_MODEL": str(versions[-1].parent), "TF_CPP_MIN_LOG_LEVEL": "2"}),
+        ("floor (no model)", gunicorn("bench.floor_app:create_app()", 0), {}),
+    ]
+    results = {"benchmark": "http_digits", "seconds_per_point": args.seconds, "servers": {}}
+    for name, command, env in setups:
+        port = free_port()
+        if command[0] == sys.executable:
+            env = {**env, "PORT": str(port)}
+        else:
+            command = [c if not c.startswith("127.0.0.1:") else f"127.0.0.1:{port}" for c in command]
+        server = Server(name, command, env, port)
+        try:
+            ready = server.wait_until_answering(body)
+            wrk(server.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
+            points, peak = {}, 0.0
+            for connections in CONCURRENCY:
+                with PeakMemory(server.process.pid) as memory:
+                    point = wrk(server.url + "/v1/digits/predict", connections, args.seconds, body_file)
+                peak = max(peak, memory.peak)
+                points[connections] = point
+                print(f"{name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
+                      f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
+                      f"errors {point['errors'] + point['non2xx']}", flush=True)
+            results["servers"][name] = {"seconds_to_first_answer": round(ready, 2),
+                                        "peak_rss_mb": round(peak, 1), "points": points}
+        finally:
+            server.stop()
+
+    # Cold start: process start to /readyz 200 (every configured model AVAILABLE).
+    port = free_port()
+    server = Server("cold start", [sys.executable, "-m", "serving"], {**gateway_env, "PORT": str(port)}, port)
+    try:
+        deadline = time.monotonic() + 180
+        cold = None
+        while time.monotonic() < deadline and cold is None:
+            try:
+                if requests.get(server.url + "/readyz", timeout=5).status_code == 200:
+                    cold = time.monotonic() - server.started
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
+    finally:
+        server.stop()
+
+    s = results["servers"]
+    at16 = {name: s[name]["points"][16] for name in s}
+    gateway = at16["scribe, batching on"]
+    results["ratios_at_16"] = {
+        "gateway_vs_keras_predict": round(gateway["rps"] / at16["keras predict baseline"]["rps"], 1),
+        "gateway_vs_floor": round(gateway["rps"] / at16["floor (no model)"]["rps"], 3),
+        "gateway_p99_ms": gateway["p99_ms"],
+    }
+    print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Dynamic batching in the embedded model server, with TF Serving's batching parameters."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, copy_model_base
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving.model_server import start_model_server
+from serving.model_server.batching import DynamicBatcher, QueueFull
+from training.mnist_data import load_digits
+
+
+@pytest.fixture(scope="module")
+def batching_server(trained, trained_bard, tmp_path_factory):
+    base = tmp_path_factory.mktemp("batching") / "models"
+    copy_model_base(trained, base)
+    copy_model_base(trained_bard, base)
+    server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(base)},
+                                grpc_port=0, host="127.0.0.1", batching={
+                                    "max_batch_size": 64, "batch_timeout_micros": 50_000,
+                                    "num_batch_threads": 1})
+    assert server.manager.wait_until_available(timeout=120)
+    yield server
+    server.stop()
+
+
+def predict(port: int, images: np.ndarray) -> np.ndarray:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(images))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    return tf.make_ndarray(response.outputs["probabilities"])
+
+
+def test_concurrent_requests_share_model_runs_and_get_their_own_rows(batching_server):
+    images = load_digits("mnist-5k").x_test[:24]
+    alone = batching_server.manager.servable("digits")._run("serving_default", {"image": images})
+    batcher = batching_server.manager.servable("digits").batchers["serving_default"]
+    runs_before, requests_before = batcher.batches_run, batcher.requests_run
+    results = [None] * len(images)
+    start = threading.Barrier(len(images))
+
+    def one(i):
+        start.wait()
+        results[i] = predict(batching_server.grpc_port, images[i:i + 1])[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert np.allclose(np.stack(results), alone["probabilities"], atol=1e-5)
+    assert batcher.requests_run - requests_before == len(images)
+    assert batcher.batches_run - runs_before < len(images) / 2  # they shared model runs
+
+
+def test_signatures_without_a_batch_dimension_are_not_batched(batching_server):
+    assert set(batching_server.manager.servable("digits").batchers) == {"serving_default"}
+    # Generation takes scalar parameters: not batchable. Scoring texts is.
+    assert set(batching_server.manager.servable("bard").batchers) == {"score"}
+
+
+def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
+    release = threading.Event()
+
+    def slow_run(inputs):
+        release.wait(10)
+        return {"double": inputs["x"] * 2}
+
+    batcher = DynamicBatcher(slow_run, {"max_batch_size": 1, "batch_timeout_micros": 0,
+                                        "max_enqueued_batches": 2, "num_batch_threads": 1})
+    answers = []
+    admitted = [threading.Thread(target=lambda i=i: answers.append(
+        batcher.submit({"x": np.array([i])})["double"][0])) for i in range(3)]
+    for thread in admitted:
+        thread.start()
+        time.sleep(0.1)  # one running, two waiting: the queue is full
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        batcher.submit({"x": np.array([9])})
+    assert time.monotonic() - started < 0.5
+    release.set()
+    for thread in admitted:
+        thread.join(10)
+    assert sorted(answers) == [0, 2, 4]
+    batcher.stop()
+
+
+def test_allowed_batch_sizes_pad_and_every_caller_gets_its_rows():
+    seen_sizes = []
+
+    def run(inputs):
+        seen_sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] + 1}
+
+    batcher = DynamicBatcher(run, {"max_batch_size": 8, "batch_timeout_micros": 0,
+                                   "allowed_batch_sizes": [4, 8], "num_batch_threads": 1})
+    assert batcher.submit({"x": np.array([1, 2, 3])})["y"].tolist() == [2, 3, 4]
+    assert seen_sizes == [4]
+    batcher.stop()
+
+
+def test_errors_reach_every_waiting_caller_and_stop_never_strands_one():
+    def broken(inputs):
+        raise ValueError("model failed")
+
+    batcher = DynamicBatcher(broken, {"max_batch_size": 4, "batch_timeout_micros": 1000})
+    with pytest.raises(ValueError, match="model failed"):
+        batcher.submit({"x": np.array([1])})
+    batcher.stop()
+    with pytest.raises(ValueError):  # after stop, requests still get an answer (run directly)
+        batcher.submit({"x": np.array([1])})
