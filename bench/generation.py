@@ -45,21 +45,24 @@ def main() -> int:
                                 intra_op_threads=Settings().intra_op_threads)
     server.manager.wait_until_available(["bard"], timeout=120)
     client = ModelClient(f"127.0.0.1:{server.grpc_port}", timeout=300)
-    params = {"temperature": np.float32(0.8), "top_k": np.int32(0), "seed": np.int64(1)}
+    params = {"temperature": np.array([0.8], np.float32), "top_k": np.array([0], np.int32),
+              "seed": np.array([1], np.int64)}
     prompt = np.array([b"ROMEO:"])
 
     def in_graph() -> tuple[float, str]:
         started = time.perf_counter()
-        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.int32(args.chars), **params})
+        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.array([args.chars], np.int32),
+                                         **params})
         return time.perf_counter() - started, out["text"][0].decode()
 
     def step_loop() -> tuple[float, str]:
         started = time.perf_counter()
-        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.int32(1), **params})
+        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.array([1], np.int32),
+                                         **params})
         text = [out["text"][0].decode()]
         for position in range(1, args.chars):
-            out, _ = client.predict("bard", {"state": out["state"], "max_chars": np.int32(1),
-                                             "position": np.int32(position), **params},
+            out, _ = client.predict("bard", {"state": out["state"], "max_chars": np.array([1], np.int32),
+                                             "position": np.array([position], np.int32), **params},
                                     signature="continue")
             text.append(out["text"][0].decode())
         return time.perf_counter() - started, "".join(text)

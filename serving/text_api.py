@@ -40,14 +40,14 @@ def generate():
     if not wants_stream:
         outputs, served = call(gateway, "serving_default", {
             "prompt": np.array([params["prompt"].encode("utf-8")]),
-            **scalars(params["max_chars"], params)}, version, label)
+            **per_prompt(params["max_chars"], params)}, version, label)
         return jsonify(model={"name": model, "version": served}, prompt=params["prompt"],
                        text=outputs["text"][0].decode("utf-8", errors="replace"), seed=params["seed"])
     # Fail before the stream starts when the model cannot answer: the first chunk is the check.
     chunk = gateway.settings.stream_chunk_chars
     first, served = call(gateway, "serving_default", {
         "prompt": np.array([params["prompt"].encode("utf-8")]),
-        **scalars(min(chunk, params["max_chars"]), params)}, version, label)
+        **per_prompt(min(chunk, params["max_chars"]), params)}, version, label)
     pinned = version is not None or label is not None
     return Response(stream_with_context(events(gateway, params, first, served, chunk, pinned)),
                     mimetype="text/event-stream",
@@ -71,11 +71,11 @@ def events(gateway, params: dict, first: dict, served: int, chunk: int, pinned: 
         yield sse("chunk", {"text": piece})  # a client that went away ends the generator here
         if written >= params["max_chars"] or not piece:
             break
-        size = scalars(min(chunk, params["max_chars"] - written), params)
+        size = per_prompt(min(chunk, params["max_chars"] - written), params)
         try:
             try:
                 outputs, _ = call(gateway, "continue", {
-                    "state": outputs["state"], "position": np.int32(written), **size},
+                    "state": outputs["state"], "position": np.array([written], np.int32), **size},
                     versions[-1], None)
             except errors.ApiError as error:
                 if pinned or error.status != 404:
@@ -96,9 +96,11 @@ def sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def scalars(max_chars: int, params: dict) -> dict:
-    return {"max_chars": np.int32(max_chars), "temperature": np.float32(params["temperature"]),
-            "top_k": np.int32(params["top_k"]), "seed": np.int64(params["seed"])}
+def per_prompt(max_chars: int, params: dict) -> dict:
+    """The generation parameters, one value per prompt (the signatures take [batch] tensors)."""
+    return {"max_chars": np.array([max_chars], np.int32),
+            "temperature": np.array([params["temperature"]], np.float32),
+            "top_k": np.array([params["top_k"]], np.int32), "seed": np.array([params["seed"]], np.int64)}
 
 
 def call(gateway, signature: str, inputs: dict, version, label) -> tuple[dict, int]:

@@ -60,10 +60,10 @@ def test_concurrent_requests_share_model_runs_and_get_their_own_rows(batching_se
     assert batcher.batches_run - runs_before < len(images) / 2  # they shared model runs
 
 
-def test_signatures_without_a_batch_dimension_are_not_batched(batching_server):
+def test_signatures_with_a_batch_dimension_everywhere_are_batched(batching_server):
     assert set(batching_server.manager.servable("digits").batchers) == {"serving_default"}
-    # Generation takes scalar parameters: not batchable. Scoring texts is.
-    assert set(batching_server.manager.servable("bard").batchers) == {"score"}
+    # Every bard signature takes one value per prompt, so all of them batch, as in TF Serving.
+    assert set(batching_server.manager.servable("bard").batchers) == {"serving_default", "continue", "score"}
 
 
 def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():

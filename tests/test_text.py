@@ -40,14 +40,16 @@ def test_training_reports_validation_loss_in_nats_and_bits(trained_bard):
 
 
 def test_export_generates_in_a_fresh_process_through_the_session_loader(trained_bard):
-    scalars = {"max_chars": np.int32(25), "temperature": np.float32(0.8), "top_k": np.int32(5),
-               "seed": np.int64(3)}
-    first = saved_model_cli_run(trained_bard.version_dir, {"prompt": np.array([b"ROMEO:", b"O"]), **scalars})
+    from training.bard import generation_inputs
+
+    first = saved_model_cli_run(trained_bard.version_dir, {"prompt": np.array([b"ROMEO:", b"O"]),
+                                                           **generation_inputs(2, 25, top_k=5, seed=3)})
     assert first.returncode == 0, first.stderr[-2000:]
     assert "Result for output key text" in first.stdout and "Result for output key state" in first.stdout
     state_size = 64  # quick profile: one GRU layer of 64 units
     more = saved_model_cli_run(trained_bard.version_dir, {
-        "state": np.zeros((1, state_size), np.float32), "position": np.int32(25), **scalars},
+        "state": np.zeros((1, state_size), np.float32), "position": np.array([25], np.int32),
+        **generation_inputs(1, 25, top_k=5, seed=3)},
         signature="continue")
     assert more.returncode == 0, more.stderr[-2000:]
     assert "Result for output key text" in more.stdout
@@ -59,10 +61,10 @@ def test_signatures_match_the_design(trained_bard):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     text = " ".join(show.stdout.split())
     for expected in ["inputs['prompt'] tensor_info: dtype: DT_STRING shape: (-1)",
-                     "inputs['max_chars'] tensor_info: dtype: DT_INT32 shape: ()",
-                     "inputs['temperature'] tensor_info: dtype: DT_FLOAT shape: ()",
-                     "inputs['top_k'] tensor_info: dtype: DT_INT32 shape: ()",
-                     "inputs['seed'] tensor_info: dtype: DT_INT64 shape: ()",
+                     "inputs['max_chars'] tensor_info: dtype: DT_INT32 shape: (-1)",
+                     "inputs['temperature'] tensor_info: dtype: DT_FLOAT shape: (-1)",
+                     "inputs['top_k'] tensor_info: dtype: DT_INT32 shape: (-1)",
+                     "inputs['seed'] tensor_info: dtype: DT_INT64 shape: (-1)",
                      "outputs['text'] tensor_info: dtype: DT_STRING shape: (-1)",
                      "outputs['state'] tensor_info: dtype: DT_FLOAT shape: (-1, 64)",
                      "signature_def['continue']", "signature_def['score']"]:
@@ -108,6 +110,25 @@ def test_streamed_chunks_join_into_the_one_call_text(gateway):
     final_event, final = events[-1]
     assert final_event == "done"
     assert json.loads(final)["model"] == {"name": "bard", "version": 1}
+
+
+def test_requests_batched_together_write_what_each_writes_alone(trained_bard):
+    """TF Serving's batching merges requests: every row keeps its own parameters and seed."""
+    import tensorflow as tf
+
+    from training.bard import generation_inputs
+
+    generate = tf.saved_model.load(str(trained_bard.version_dir)).signatures["serving_default"]
+
+    def run(prompts, **inputs):
+        return [t.decode() for t in generate(prompt=tf.constant(prompts), **{
+            k: tf.constant(v) for k, v in inputs.items()})["text"].numpy()]
+
+    [alone] = run([b"ROMEO:"], **generation_inputs(1, 60, top_k=4, seed=7))
+    together = generation_inputs(2, 60, top_k=4, seed=7)
+    together["max_chars"][1], together["seed"][1], together["temperature"][1] = 15, 99, 1.5
+    first, second = run([b"ROMEO:", b"A much longer prompt"], **together)
+    assert first == alone and len(second) == 15
 
 
 def test_accept_event_stream_header_asks_for_a_stream(gateway):
@@ -217,9 +238,10 @@ def test_a_stream_outliving_its_version_continues_on_the_new_one(trained_bard, t
         gateway = live.app.extensions["scribe"]
         params = {"prompt": "ROMEO:", "max_chars": 40, "temperature": 0.8, "top_k": 0, "seed": 4}
         with live.app.test_request_context():
+            from training.bard import generation_inputs
+
             first, served = gateway.client.predict("bard", {
-                "prompt": np.array([b"ROMEO:"]), "max_chars": np.int32(10),
-                "temperature": np.float32(0.8), "top_k": np.int32(0), "seed": np.int64(4)})
+                "prompt": np.array([b"ROMEO:"]), **generation_inputs(1, 10, seed=4)})
             assert served == 1
             export = tmp_path / "export"
             shutil.copytree(base / "bard" / "1", export)

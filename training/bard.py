@@ -96,15 +96,38 @@ def make_generator(model, alphabet: list[str]):
             new.append(x)
         return tf.concat(new, axis=1)
 
-    def sample(state, temperature, top_k, seed, position):
-        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)
-        k = tf.minimum(top_k, vocab)
-        kth = tf.math.top_k(logits, k=tf.maximum(k, 1)).values[:, -1:]
-        logits = tf.where((k > 0) & (logits < kth), tf.constant(-1e9, logits.dtype), logits)
-        # Stateless: the same seed and position give the same character, however the
-        # generation is cut into calls, so streamed chunks join into the one-call text.
-        pair = tf.stack([seed, tf.cast(position, tf.int64)])
-        return tf.cast(tf.random.stateless_categorical(logits, 1, seed=pair)[:, 0], tf.int32)
+    def mix(h):
+        """A 32-bit integer hash (xorshift-multiply rounds) on int64 values in [0, 2**32)."""
+        for multiplier in (0x2C1B3C6D, 0x297A2D39):  # below 2**31: products stay below 2**63
+            h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+            h = tf.bitwise.bitwise_and(h * multiplier, 0xFFFFFFFF)
+        return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 15))
+
+    column_hash = mix(tf.range(vocab, dtype=tf.int64)[None, :] * 0x9E3779B1 % (1 << 32))
+
+    def row_keys(seed):
+        """One 32-bit key per row from its 63-bit seed, computed once per call."""
+        low = tf.bitwise.bitwise_and(seed, 0xFFFFFFFF)
+        high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(seed, 32), 0xFFFFFFFF)
+        return mix(tf.bitwise.bitwise_xor(mix(high), low))[:, None]
+
+    def sample(state, temperature, top_k, keys, position):
+        """One character per row from softmax(logits / temperature) over its top_k characters.
+
+        Every row has its own parameters, so TF Serving may batch requests together. The
+        Gumbel noise is a hash of (the row's seed, the position, the character): the same seed
+        and position give the same character however the generation is cut into calls (so
+        streamed chunks join into the one-call text) and whatever else shares the batch."""
+        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)[:, None]
+        k = tf.clip_by_value(top_k, 1, vocab)
+        kth = tf.gather(tf.sort(logits, axis=1, direction="DESCENDING"), k - 1, batch_dims=1)
+        logits = tf.where((top_k[:, None] > 0) & (logits < kth[:, None]),
+                          tf.constant(-1e9, logits.dtype), logits)
+        h = mix(tf.bitwise.bitwise_xor(keys, mix(tf.cast(position, tf.int64))[:, None]))
+        bits = mix(tf.bitwise.bitwise_xor(h, column_hash))
+        uniform = (tf.cast(tf.bitwise.bitwise_and(bits, 0xFFFFFF), tf.float32) + 0.5) / float(1 << 24)
+        gumbel = -tf.math.log(-tf.math.log(uniform))
+        return tf.argmax(logits + gumbel, axis=1, output_type=tf.int32)
 
     def to_ids(texts):
         """UTF-8 strings -> padded character ids and lengths; unknown characters -> FALLBACK."""
@@ -125,30 +148,35 @@ def make_generator(model, alphabet: list[str]):
         return state
 
     def write(state, max_chars, temperature, top_k, seed, position):
+        """Up to max_chars[i] characters for row i; each row's state stops where its text does."""
         max_chars = tf.clip_by_value(max_chars, 0, MAX_CHARS_PER_CALL)
-        written = tf.TensorArray(tf.int32, size=max_chars, element_shape=[None])
+        steps = tf.reduce_max(tf.concat([max_chars, [0]], axis=0))
+        keys = row_keys(seed)
+        written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
 
         def body(i, state, written):
-            c = sample(state, temperature, top_k, seed, position + i)
-            return i + 1, step(c, state), written.write(i, c)
+            c = sample(state, temperature, top_k, keys, position + i)
+            state = tf.where((i < max_chars)[:, None], step(c, state), state)
+            return i + 1, state, written.write(i, c)
 
-        _, state, written = tf.while_loop(lambda i, *_: i < max_chars, body, [0, state, written])
-        ids = tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], max_chars])
-        text = tf.strings.unicode_encode(tf.gather(codepoints, ids), "UTF-8")
-        return {"text": text, "state": state}
+        _, state, written = tf.while_loop(lambda i, *_: i < steps, body, [0, state, written])
+        ids = tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], steps])
+        ragged = tf.RaggedTensor.from_tensor(tf.gather(codepoints, ids), lengths=max_chars)
+        return {"text": tf.strings.unicode_encode(ragged, "UTF-8"), "state": state}
 
     state_size = units * len(cells)
-    scalars = [tf.TensorSpec([], tf.int32, name="max_chars"),
-               tf.TensorSpec([], tf.float32, name="temperature"),
-               tf.TensorSpec([], tf.int32, name="top_k"),
-               tf.TensorSpec([], tf.int64, name="seed")]
+    # One value per prompt (shape [batch]), so TF Serving's batching can merge requests.
+    per_prompt = [tf.TensorSpec([None], tf.int32, name="max_chars"),
+               tf.TensorSpec([None], tf.float32, name="temperature"),
+               tf.TensorSpec([None], tf.int32, name="top_k"),
+               tf.TensorSpec([None], tf.int64, name="seed")]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"), *scalars])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompt"), *per_prompt])
     def generate(prompt, max_chars, temperature, top_k, seed):
-        return write(read(prompt), max_chars, temperature, top_k, seed, 0)
+        return write(read(prompt), max_chars, temperature, top_k, seed, tf.zeros_like(max_chars))
 
     @tf.function(input_signature=[tf.TensorSpec([None, state_size], tf.float32, name="state"),
-                                  *scalars, tf.TensorSpec([], tf.int32, name="position")])
+                                  *per_prompt, tf.TensorSpec([None], tf.int32, name="position")])
     def continue_(state, max_chars, temperature, top_k, seed, position):
         return write(state, max_chars, temperature, top_k, seed, position)
 
@@ -176,15 +204,21 @@ def export(model, alphabet: list[str], export_dir: Path) -> None:
     archive.add_endpoint("continue", continue_)
     archive.add_endpoint("score", score)
     archive.write_out(str(export_dir), verbose=False)
-    scalars = {"max_chars": np.int32(20), "temperature": np.float32(0.8), "top_k": np.int32(0),
-               "seed": np.int64(1)}
     pipeline.write_warmup_requests(export_dir, NAME, [
-        {"prompt": np.array([b"ROMEO:"]), **scalars},
-        {"prompt": np.array([b"To be", b"KING"]), **scalars},
+        {"prompt": np.array([b"ROMEO:"]), **generation_inputs(1, 20, seed=1)},
+        {"prompt": np.array([b"To be", b"KING"]), **generation_inputs(2, 20, seed=2)},
         {"__signature__": "continue", "state": np.zeros((1, continue_.input_signature[0].shape[1]),
                                                          np.float32),
-         "position": np.int32(20), **scalars},
+         "position": np.array([20], np.int32), **generation_inputs(1, 20, seed=1)},
     ])
+
+
+def generation_inputs(rows: int, max_chars: int, temperature: float = 0.8, top_k: int = 0,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """The per-prompt parameters of the generation signatures, one value per row."""
+    return {"max_chars": np.full(rows, max_chars, np.int32),
+            "temperature": np.full(rows, temperature, np.float32),
+            "top_k": np.full(rows, top_k, np.int32), "seed": np.full(rows, seed, np.int64)}
 
 
 def evaluate_saved_model(export_dir: Path, text: str, chunk: int = 1000) -> float:
@@ -237,9 +271,8 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
 
     export_dir = run_dir / "export"
     export(model, alphabet, export_dir)
-    pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]), "max_chars": np.int32(40),
-                                        "temperature": np.float32(0.8), "top_k": np.int32(0),
-                                        "seed": np.int64(7)}, ["text", "state"])
+    pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]),
+                                        **generation_inputs(1, 40, seed=7)}, ["text", "state"])
     val_loss = evaluate_saved_model(export_dir, data.validation)
     baseline_dir = pipeline.baseline_path(model_base / NAME)
     baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
@@ -267,8 +300,8 @@ def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -
     import tensorflow as tf
 
     generate = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    out = generate(prompt=tf.constant([prompt]), max_chars=tf.constant(chars),
-                   temperature=tf.constant(0.8), top_k=tf.constant(0), seed=tf.constant(1, tf.int64))
+    inputs = {k: tf.constant(v) for k, v in generation_inputs(1, chars, seed=1).items()}
+    out = generate(prompt=tf.constant([prompt]), **inputs)
     return prompt.decode() + out["text"].numpy()[0].decode("utf-8")
 
 
