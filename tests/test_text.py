@@ -131,6 +131,12 @@ def test_requests_batched_together_write_what_each_writes_alone(trained_bard):
     assert first == alone and len(second) == 15
 
 
+def test_top_k_of_one_is_greedy_so_the_seed_no_longer_matters(gateway):
+    a = generate(gateway, prompt="Shall I", max_chars=80, top_k=1, seed=1).json()["text"]
+    b = generate(gateway, prompt="Shall I", max_chars=80, top_k=1, seed=2).json()["text"]
+    assert a == b
+
+
 def test_accept_event_stream_header_asks_for_a_stream(gateway):
     with requests.post(gateway.url + "/v1/text/generate", json={"prompt": "O", "max_chars": 50, "seed": 1},
                        headers={"Accept": "text/event-stream"}, stream=True, timeout=60) as response:

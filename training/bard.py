@@ -105,29 +105,32 @@ def make_generator(model, alphabet: list[str]):
 
     column_hash = mix(tf.range(vocab, dtype=tf.int64)[None, :] * 0x9E3779B1 % (1 << 32))
 
-    def row_keys(seed):
-        """One 32-bit key per row from its 63-bit seed, computed once per call."""
+    def gumbel_noise(seed, position, steps):
+        """Gumbel noise [steps, batch, vocab], a hash of (row's seed, position, character).
+
+        Computed once per call, outside the character loop. The same seed and position give the
+        same character however the generation is cut into calls (so streamed chunks join into
+        the one-call text) and whatever other requests share the batch."""
         low = tf.bitwise.bitwise_and(seed, 0xFFFFFFFF)
         high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(seed, 32), 0xFFFFFFFF)
-        return mix(tf.bitwise.bitwise_xor(mix(high), low))[:, None]
-
-    def sample(state, temperature, top_k, keys, position):
-        """One character per row from softmax(logits / temperature) over its top_k characters.
-
-        Every row has its own parameters, so TF Serving may batch requests together. The
-        Gumbel noise is a hash of (the row's seed, the position, the character): the same seed
-        and position give the same character however the generation is cut into calls (so
-        streamed chunks join into the one-call text) and whatever else shares the batch."""
-        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)[:, None]
-        k = tf.clip_by_value(top_k, 1, vocab)
-        kth = tf.gather(tf.sort(logits, axis=1, direction="DESCENDING"), k - 1, batch_dims=1)
-        logits = tf.where((top_k[:, None] > 0) & (logits < kth[:, None]),
-                          tf.constant(-1e9, logits.dtype), logits)
-        h = mix(tf.bitwise.bitwise_xor(keys, mix(tf.cast(position, tf.int64))[:, None]))
-        bits = mix(tf.bitwise.bitwise_xor(h, column_hash))
+        keys = mix(tf.bitwise.bitwise_xor(mix(high), low))  # [batch]
+        positions = tf.cast(position, tf.int64)[None, :] + tf.range(steps, dtype=tf.int64)[:, None]
+        rows = mix(tf.bitwise.bitwise_xor(keys[None, :], mix(positions % (1 << 32))))
+        bits = mix(tf.bitwise.bitwise_xor(rows[:, :, None], column_hash[None, :, :]))
         uniform = (tf.cast(tf.bitwise.bitwise_and(bits, 0xFFFFFF), tf.float32) + 0.5) / float(1 << 24)
-        gumbel = -tf.math.log(-tf.math.log(uniform))
-        return tf.argmax(logits + gumbel, axis=1, output_type=tf.int32)
+        return -tf.math.log(-tf.math.log(uniform))
+
+    def sample(state, temperature, top_k, k_max, noise):
+        """One character per row from softmax(logits / temperature) over its top_k characters
+        (0: all), by the Gumbel-max trick. Every row has its own parameters, so TF Serving may
+        batch requests together."""
+        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)[:, None]
+        if k_max is not None:
+            best = tf.math.top_k(logits, k=k_max).values
+            kth = tf.gather(best, tf.clip_by_value(top_k, 1, k_max) - 1, batch_dims=1)
+            logits = tf.where((top_k[:, None] > 0) & (logits < kth[:, None]),
+                              tf.constant(-1e9, logits.dtype), logits)
+        return tf.argmax(logits + noise, axis=1, output_type=tf.int32)
 
     def to_ids(texts):
         """UTF-8 strings -> padded character ids and lengths; unknown characters -> FALLBACK."""
@@ -151,18 +154,23 @@ def make_generator(model, alphabet: list[str]):
         """Up to max_chars[i] characters for row i; each row's state stops where its text does."""
         max_chars = tf.clip_by_value(max_chars, 0, MAX_CHARS_PER_CALL)
         steps = tf.reduce_max(tf.concat([max_chars, [0]], axis=0))
-        keys = row_keys(seed)
-        written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
+        noise = gumbel_noise(seed, position, steps)
+        k_max = tf.clip_by_value(tf.reduce_max(tf.concat([top_k, [0]], axis=0)), 1, vocab)
 
-        def body(i, state, written):
-            c = sample(state, temperature, top_k, keys, position + i)
-            state = tf.where((i < max_chars)[:, None], step(c, state), state)
-            return i + 1, state, written.write(i, c)
+        def loop(use_top_k: bool):
+            def body(i, state, written):
+                c = sample(state, temperature, top_k, k_max if use_top_k else None, noise[i])
+                state = tf.where((i < max_chars)[:, None], step(c, state), state)
+                return i + 1, state, written.write(i, c)
 
-        _, state, written = tf.while_loop(lambda i, *_: i < steps, body, [0, state, written])
-        ids = tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], steps])
+            written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
+            _, final, written = tf.while_loop(lambda i, *_: i < steps, body, [0, state, written])
+            return final, tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], steps])
+
+        # Two loops, so that requests without top_k pay nothing for it at every character.
+        final, ids = tf.cond(tf.reduce_any(top_k > 0), lambda: loop(True), lambda: loop(False))
         ragged = tf.RaggedTensor.from_tensor(tf.gather(codepoints, ids), lengths=max_chars)
-        return {"text": tf.strings.unicode_encode(ragged, "UTF-8"), "state": state}
+        return {"text": tf.strings.unicode_encode(ragged, "UTF-8"), "state": final}
 
     state_size = units * len(cells)
     # One value per prompt (shape [batch]), so TF Serving's batching can merge requests.
