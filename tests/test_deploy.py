@@ -85,6 +85,9 @@ def test_gpu_reservations_are_on_tfserving_and_trainers_only(services):
     cpu = compose("docker-compose.cpu.yml")["services"]
     for name in ("tfserving", "trainer-digits", "trainer-bard"):
         assert cpu[name]["deploy"] == {"!reset": True}
+    for name in ("trainer-digits", "trainer-bard"):  # CPU images and the cpu training profile
+        assert cpu[name]["build"]["args"]["TRAINER_IMAGE"] == f"tensorflow/tensorflow:{tf_version()}"
+        assert cpu[name]["command"][cpu[name]["command"].index("--profile") + 1] == "cpu"
 
 
 def test_trainers_are_behind_the_train_profile_with_the_gpu_profile(services):
@@ -126,6 +129,8 @@ def test_tfserving_flags(services):
     assert flags["batching_parameters_file"] == "/config/batching.config"
     assert flags["monitoring_config_file"] == "/config/monitoring.config"
     assert flags["enable_model_warmup"] == "true"
+    assert flags["model_config_file_poll_wait_seconds"] == "60"  # the README's "re-read every 60 s"
+    assert services["tfserving"]["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
 
 
 def test_every_referenced_file_exists(services):
