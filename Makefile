@@ -32,7 +32,7 @@ bench: train
 	@command -v wrk > /dev/null || { [ "$$(id -u)" -eq 0 ] && S= || S=sudo; \
 	    $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq wrk; }
 	$(PY) bench/http_digits.py
-	$(PY) bench/generation.py
+	$(PY) bench/generation.py --repeats 7
 
 lint: install
 	$(VENV)/bin/ruff check training serving client tests bench

@@ -28,7 +28,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-base", type=Path, default=ROOT / "models")
     parser.add_argument("--chars", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generation.json")
     args = parser.parse_args()
     if not any((args.model_base / "bard").glob("[0-9]*/saved_model.pb")):

@@ -87,13 +87,36 @@ def make_generator(model, alphabet: list[str]):
     codepoints = tf.constant([ord(c) for c in alphabet], dtype=tf.int32)
     table = tf.constant(table)
 
-    def step(ids, state):
-        """Feed one character per row; state is every layer's hidden state, concatenated."""
+    def keras_step(ids, state):
+        """Feed one character per row through Keras's own cells (the reference for `step`)."""
         x = embedding(ids)
         new = []
         for cell, h in zip(cells, tf.split(state, len(cells), axis=1), strict=True):
             x, _ = cell(x, h, training=False)
             new.append(x)
+        return tf.concat(new, axis=1)
+
+    def input_table():
+        """Embedding times the first layer's input kernel, plus its bias: one row per character,
+        so the first layer's input projection is a lookup. Computed once per call."""
+        kernel, bias = cells[0].kernel, cells[0].bias
+        return tf.matmul(embedding.embeddings, kernel) + bias[0]
+
+    def step(ids, state, table):
+        """Feed one character per row; state is every layer's hidden state, concatenated.
+
+        Keras's GRU (reset_after=True, sigmoid gates, tanh candidate) with fewer ops per
+        character than calling its cells: a generation is a long chain of tiny ops."""
+        projected = tf.gather(table, ids)
+        new = []
+        for i, (cell, h) in enumerate(zip(cells, tf.split(state, len(cells), axis=1), strict=True)):
+            if i:
+                projected = tf.matmul(new[-1], cell.kernel) + cell.bias[0]
+            x_z, x_r, x_h = tf.split(projected, 3, axis=1)
+            h_z, h_r, h_h = tf.split(tf.matmul(h, cell.recurrent_kernel) + cell.bias[1], 3, axis=1)
+            z = tf.sigmoid(x_z + h_z)
+            candidate = tf.tanh(x_h + tf.sigmoid(x_r + h_r) * h_h)
+            new.append(z * h + (1.0 - z) * candidate)
         return tf.concat(new, axis=1)
 
     def mix(h):
@@ -120,11 +143,11 @@ def make_generator(model, alphabet: list[str]):
         uniform = (tf.cast(tf.bitwise.bitwise_and(bits, 0xFFFFFF), tf.float32) + 0.5) / float(1 << 24)
         return -tf.math.log(-tf.math.log(uniform))
 
-    def sample(state, temperature, top_k, k_max, noise):
+    def sample(state, inverse_temperature, top_k, k_max, noise):
         """One character per row from softmax(logits / temperature) over its top_k characters
         (0: all), by the Gumbel-max trick. Every row has its own parameters, so TF Serving may
         batch requests together."""
-        logits = dense(state[:, -units:]) / tf.maximum(temperature, 1e-3)[:, None]
+        logits = dense(state[:, -units:]) * inverse_temperature
         if k_max is not None:
             best = tf.math.top_k(logits, k=k_max).values
             kth = tf.gather(best, tf.clip_by_value(top_k, 1, k_max) - 1, batch_dims=1)
@@ -142,9 +165,10 @@ def make_generator(model, alphabet: list[str]):
     def read(prompt):
         padded, lengths = to_ids(prompt)
         state = tf.zeros([tf.shape(prompt)[0], units * len(cells)])
+        table = input_table()
 
         def body(t, state):
-            fed = step(padded[:, t], state)
+            fed = step(padded[:, t], state, table)
             return t + 1, tf.where((t < lengths)[:, None], fed, state)
 
         _, state = tf.while_loop(lambda t, _: t < tf.shape(padded)[1], body, [0, state])
@@ -155,12 +179,14 @@ def make_generator(model, alphabet: list[str]):
         max_chars = tf.clip_by_value(max_chars, 0, MAX_CHARS_PER_CALL)
         steps = tf.reduce_max(tf.concat([max_chars, [0]], axis=0))
         noise = gumbel_noise(seed, position, steps)
+        inverse_temperature = 1.0 / tf.maximum(temperature, 1e-3)[:, None]
+        table = input_table()
         k_max = tf.clip_by_value(tf.reduce_max(tf.concat([top_k, [0]], axis=0)), 1, vocab)
 
         def loop(use_top_k: bool):
             def body(i, state, written):
-                c = sample(state, temperature, top_k, k_max if use_top_k else None, noise[i])
-                state = tf.where((i < max_chars)[:, None], step(c, state), state)
+                c = sample(state, inverse_temperature, top_k, k_max if use_top_k else None, noise[i])
+                state = tf.where((i < max_chars)[:, None], step(c, state, table), state)
                 return i + 1, state, written.write(i, c)
 
             written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
@@ -199,6 +225,15 @@ def make_generator(model, alphabet: list[str]):
         counted = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         return {"nats_per_char": tf.reduce_sum(nats * mask, axis=1) / counted}
 
+    def check_step() -> None:
+        """The fused step must compute exactly what Keras's cells compute."""
+        ids = tf.constant(np.arange(4) % vocab, tf.int32)
+        state = tf.random.stateless_normal([4, units * len(cells)], seed=[1, 2])
+        error = tf.reduce_max(tf.abs(step(ids, state, input_table()) - keras_step(ids, state)))
+        if float(error) > 1e-4:
+            raise AssertionError(f"the fused GRU step differs from Keras's cells by {float(error)}")
+
+    check_step()
     return generate, continue_, score
 
 
