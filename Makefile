@@ -31,7 +31,7 @@ test: install
 bench: train
 	@command -v wrk > /dev/null || { [ "$$(id -u)" -eq 0 ] && S= || S=sudo; \
 	    $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq wrk; }
-	$(PY) bench/http_digits.py
+	$(PY) bench/http_digits.py --seconds 6
 	$(PY) bench/generation.py --repeats 7
 
 lint: install

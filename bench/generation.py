@@ -5,7 +5,7 @@ stateless server: a loop that calls a one-character step per request, passing th
 each time (here the same SavedModel's `continue` signature with max_chars=1). Both go through
 the same gRPC path to the embedded model server, measured in the same run.
 
-    python bench/generation.py [--model-base models] [--chars 500] [--repeats 5]
+    python bench/generation.py [--model-base models] [--chars 500] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> int:
     from serving.model_client import ModelClient
     from serving.model_server import start_model_server
 
-    # The embedded model server as the gateway starts it (same thread settings).
+    # The embedded model server with the gateway's thread settings, dynamic batching off.
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(args.model_base)},
                                 grpc_port=0, host="127.0.0.1",
                                 intra_op_threads=Settings().intra_op_threads)

@@ -75,7 +75,7 @@ def read_monitoring_config(path: str | Path) -> str | None:
 def configure_threads(intra_op: int = 0, inter_op: int = 0) -> bool:
     """TF Serving's --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps
     TensorFlow's default). One intra-op thread makes in-graph generation, a long chain of tiny ops,
-    about twice as fast here; requests still run in parallel on the server's threads. Returns
+    about 2.8x as fast here; requests still run in parallel on the server's threads. Returns
     False when TensorFlow had already started in this process and kept its settings."""
     import tensorflow as tf
 

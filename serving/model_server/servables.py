@@ -52,8 +52,8 @@ class Servable:
     batchers: dict = field(default_factory=dict)  # signature -> DynamicBatcher
 
     def enable_batching(self, parameters: dict) -> None:
-        """Batch the signatures whose every input and output has a batch dimension (digits);
-        others (bard's scalar parameters) run request by request, as TF Serving needs too."""
+        """Batch the signatures whose every input and output has a batch dimension (digits and
+        bard alike); any other signature runs request by request (TF Serving would refuse it)."""
         for name, signature_def in self.signature_defs.items():
             tensors = list(signature_def.inputs.values()) + list(signature_def.outputs.values())
             if all(not t.tensor_shape.unknown_rank and t.tensor_shape.dim
