@@ -27,12 +27,15 @@ run: train
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (not part of make test): figures against baselines measured in the same run.
-bench: train
+# Benchmarks (not part of make test): figures against baselines measured in the same run. They
+# train their own cpu-profile models into bench/results/models first (benchmark 3).
+BENCH_MODELS := bench/results/models
+bench: install
 	@command -v wrk > /dev/null || { [ "$$(id -u)" -eq 0 ] && S= || S=sudo; \
 	    $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq wrk; }
-	$(PY) bench/http_digits.py --seconds 6
-	$(PY) bench/generation.py --repeats 7
+	$(PY) bench/training.py --model-base $(BENCH_MODELS)
+	$(PY) bench/http_digits.py --model-base $(BENCH_MODELS) --seconds 6
+	$(PY) bench/generation.py --model-base $(BENCH_MODELS) --repeats 7
 
 lint: install
 	$(VENV)/bin/ruff check training serving client tests bench

@@ -1,9 +1,13 @@
-"""Characters per second for a 500-character generation through the model server.
+"""Characters per second and time to the first chunk for a 500-character generation.
 
-In-graph generation (one Predict call for the whole continuation) against the usual way with a
-stateless server: a loop that calls a one-character step per request, passing the state back
-each time (here the same SavedModel's `continue` signature with max_chars=1). Both go through
-the same gRPC path to the embedded model server, measured in the same run.
+Measured in the same run, median of --repeats:
+  - in-graph generation through the model server: one Predict call for the whole continuation;
+    its first chunk is the gateway's first streamed chunk (one call of stream_chunk_chars);
+  - the usual way with a stateless server: a loop that calls a one-character step per request,
+    passing the state back each time (the same SavedModel's `continue` signature, max_chars=1);
+    both through the same gRPC path to the embedded model server;
+  - the compute floor: the same SavedModel's generation called in-process, no serving at all;
+  - the gateway over HTTP (`python -m serving`, a `stream: true` request): what a user sees.
 
     python bench/generation.py [--model-base models] [--chars 500] [--repeats 7]
 """
@@ -12,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,31 +76,109 @@ def main() -> int:
             text.append(out["text"][0].decode())
         return time.perf_counter() - started, "".join(text)
 
-    in_graph()
-    step_loop()  # warm both paths
+    import tensorflow as tf
+
+    version_dir = sorted((args.model_base / "bard").glob("[0-9]*"), key=lambda p: int(p.name))[-1]
+    generate_here = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+
+    def compute_floor(chars: int = args.chars) -> tuple[float, str]:
+        started = time.perf_counter()
+        out = generate_here(prompt=tf.constant(prompt), max_chars=tf.constant([chars], tf.int32),
+                            **{k: tf.constant(v) for k, v in params.items()})
+        return time.perf_counter() - started, out["text"].numpy()[0].decode()
+
+    chunk = Settings().stream_chunk_chars
+    for warm in (in_graph, step_loop, compute_floor):
+        warm()
     graph_runs = [in_graph() for _ in range(args.repeats)]
     loop_runs = [step_loop() for _ in range(args.repeats)]
-    assert graph_runs[0][1] == loop_runs[0][1], "both ways must write the same text for the same seed"
-    graph_s = statistics.median(t for t, _ in graph_runs)
-    loop_s = statistics.median(t for t, _ in loop_runs)
-    results = {
-        "benchmark": "generation", "chars": args.chars, "repeats": args.repeats,
-        "in_graph_seconds": round(graph_s, 4), "step_loop_seconds": round(loop_s, 4),
-        "in_graph_chars_per_second": round(args.chars / graph_s, 1),
-        "step_loop_chars_per_second": round(args.chars / loop_s, 1),
-        "speedup": round(loop_s / graph_s, 1),
-        "model": str(sorted((args.model_base / "bard").glob("[0-9]*"))[-1]),
+    floor_runs = [compute_floor() for _ in range(args.repeats)]
+    assert graph_runs[0][1] == loop_runs[0][1] == floor_runs[0][1], \
+        "every way must write the same text for the same seed"
+    first_chunk = {  # seconds to the first piece of text a streaming client could show
+        "in_graph": statistics.median(first_call(client, prompt, chunk, params) for _ in range(args.repeats)),
+        "step_loop": statistics.median(first_call(client, prompt, 1, params) for _ in range(args.repeats)),
+        "compute_floor": statistics.median(compute_floor(chunk)[0] for _ in range(args.repeats)),
     }
     client.close()
     server.stop()
-    print(f"{args.chars} characters, median of {args.repeats}:")
-    print(f"  in-graph generation, 1 call:    {results['in_graph_chars_per_second']:>9.1f} chars/s")
-    print(f"  one-character step per call:    {results['step_loop_chars_per_second']:>9.1f} chars/s"
-          f" ({args.chars} calls)")
-    print(f"  in-graph / step loop:           {results['speedup']:>9.1f}x (target >= 30x)")
+    http = gateway_stream(args.model_base, args.chars, args.repeats)
+
+    graph_s = statistics.median(t for t, _ in graph_runs)
+    loop_s = statistics.median(t for t, _ in loop_runs)
+    floor_s = statistics.median(t for t, _ in floor_runs)
+    results = {
+        "benchmark": "generation", "chars": args.chars, "repeats": args.repeats,
+        "stream_chunk_chars": chunk, "model": str(version_dir),
+        "in_graph_seconds": round(graph_s, 4), "step_loop_seconds": round(loop_s, 4),
+        "compute_floor_seconds": round(floor_s, 4),
+        "in_graph_chars_per_second": round(args.chars / graph_s, 1),
+        "step_loop_chars_per_second": round(args.chars / loop_s, 1),
+        "compute_floor_chars_per_second": round(args.chars / floor_s, 1),
+        "gateway_stream_chars_per_second": round(args.chars / http["seconds"], 1),
+        "first_chunk_ms": {**{k: round(v * 1000, 1) for k, v in first_chunk.items()},
+                           "gateway_stream": round(http["first_chunk"] * 1000, 1)},
+        "speedup": round(loop_s / graph_s, 1),
+        "in_graph_vs_compute_floor": round(floor_s / graph_s, 3),
+    }
+    print(f"{args.chars} characters, median of {args.repeats} ({version_dir}):")
+    print(f"  {'':34s} {'chars/s':>9s}  first chunk")
+    print(f"  {'in-graph generation, 1 call':34s} {results['in_graph_chars_per_second']:>9.1f}"
+          f"  {results['first_chunk_ms']['in_graph']:7.1f} ms ({chunk} characters)")
+    print(f"  {'one-character step per call':34s} {results['step_loop_chars_per_second']:>9.1f}"
+          f"  {results['first_chunk_ms']['step_loop']:7.1f} ms (1 character; {args.chars} calls)")
+    print(f"  {'compute floor, in-process':34s} {results['compute_floor_chars_per_second']:>9.1f}"
+          f"  {results['first_chunk_ms']['compute_floor']:7.1f} ms ({chunk} characters)")
+    print(f"  {'gateway, HTTP stream':34s} {results['gateway_stream_chars_per_second']:>9.1f}"
+          f"  {results['first_chunk_ms']['gateway_stream']:7.1f} ms (first chunk event)")
+    print(f"  in-graph / step loop:     {results['speedup']:.1f}x (target >= 30x)")
+    print(f"  in-graph / compute floor: {results['in_graph_vs_compute_floor']:.0%} (target >= 50%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def first_call(client, prompt, chars: int, params: dict) -> float:
+    started = time.perf_counter()
+    client.predict("bard", {"prompt": prompt, "max_chars": np.array([chars], np.int32), **params})
+    return time.perf_counter() - started
+
+
+def gateway_stream(model_base: Path, chars: int, repeats: int) -> dict:
+    """A `stream: true` request to the gateway under gunicorn: seconds to the first chunk event
+    and to the end of the stream, median of `repeats`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SCRIBE_MODEL_DIR": str(model_base.resolve()), "PORT": str(port),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        body = {"prompt": "ROMEO:", "max_chars": chars, "seed": 1, "temperature": 0.8, "stream": True}
+        runs = []
+        for _ in range(repeats + 1):  # the first one warms up
+            started, first = time.perf_counter(), None
+            with requests.post(url + "/v1/text/generate", json=body, stream=True, timeout=120) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if first is None and line == b"event: chunk":
+                        first = time.perf_counter() - started
+            runs.append((first, time.perf_counter() - started))
+        return {"first_chunk": statistics.median(f for f, _ in runs[1:]),
+                "seconds": statistics.median(t for _, t in runs[1:])}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
 
 
 if __name__ == "__main__":

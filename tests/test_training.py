@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT, copy_model_base, run_training
 
 from training.pipeline import bless, saved_model_cli_run
@@ -29,6 +30,17 @@ def test_run_writes_curves_tensorboard_logs_and_metrics(trained):
     history = trained.metrics["history"]
     assert len(history["loss"]) == len(history["val_accuracy"]) >= 2
 
+
+
+def test_metrics_record_throughput_and_the_test_accuracy_curve(trained):
+    """For benchmark 3: images per second of training steps, and test accuracy after each interval."""
+    metrics = trained.metrics
+    curve = metrics["test_accuracy_curve"]
+    assert [p["step"] for p in curve] == [100, 200]  # quick profile: 200 steps, evaluated every 100
+    seconds = [p["train_seconds"] for p in curve]
+    assert 0 < seconds[0] < seconds[1] == pytest.approx(metrics["train_seconds"], abs=0.06)
+    assert curve[-1]["test_accuracy"] == metrics["test_accuracy"]  # the exported model is the last point
+    assert metrics["images_per_second"] == pytest.approx(200 * 100 / metrics["train_seconds"], rel=0.01)
 
 def test_export_runs_in_a_fresh_process_through_the_session_loader(trained):
     """saved_model_cli run loads with the TF1 session loader that TF Serving uses."""

@@ -285,6 +285,8 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
         max_val_loss: float | None = None) -> int:
     import keras
 
+    from training.clock import TrainingClock
+
     cfg = dict(PROFILES[profile])
     if steps is not None:
         cfg["steps"], cfg["eval_every"] = steps, min(cfg["eval_every"], steps)
@@ -302,14 +304,13 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     schedule = keras.optimizers.schedules.CosineDecay(cfg["lr"], cfg["steps"], alpha=0.1)
     model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    started = time.time()
+    clock = TrainingClock()
     history = model.fit(
         sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
         steps_per_epoch=cfg["eval_every"], epochs=max(1, cfg["steps"] // cfg["eval_every"]),
         validation_data=sequences(val_ids, cfg["seq_len"], 256, shuffle=False), shuffle=False,
         verbose=1 if sys.stdout.isatty() else 2,
-        callbacks=[keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
-    train_seconds = time.time() - started
+        callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
     plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
@@ -327,8 +328,8 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
         "model": NAME, "profile": profile, "settings": cfg, "corpus": data.source,
         "validation": data.validation_source, "alphabet_size": len(alphabet),
         "train_characters": len(data.train), "validation_characters": len(data.validation),
-        "train_seconds": round(train_seconds, 1),
-        "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / train_seconds),
+        "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
+        "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / clock.seconds),
         "validation_loss_nats": val_loss, "validation_bits_per_char": val_loss / math.log(2),
         "baseline_validation_loss_nats": baseline,
         "baseline_version": None if baseline_dir is None else int(baseline_dir.name),

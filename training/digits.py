@@ -151,6 +151,8 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     import keras
     import tensorflow as tf
 
+    from training.clock import TestAccuracyCurve, TrainingClock
+
     settings = dict(PROFILES[profile])
     if steps is not None:
         settings["steps"] = steps
@@ -169,13 +171,14 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings["decay_steps"])),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    started = time.time()
+    clock, curve = TrainingClock(), TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = model.fit(
         train, steps_per_epoch=settings["eval_every"],
         epochs=max(1, settings["steps"] // settings["eval_every"]),
         validation_data=(splits.x_val, splits.y_val), shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
-        callbacks=[keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
-    train_seconds = time.time() - started
+        callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])
+    for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
+        point["train_seconds"] = seconds
     plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
@@ -191,8 +194,10 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     metrics = {
         "model": NAME, "profile": profile, "settings": settings, "data": splits.source,
         "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
-        "train_seconds": round(train_seconds, 1),
-        "images_per_second": round(settings["steps"] * settings["batch"] / train_seconds, 1),
+        "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
+        "images_per_second": round(settings["steps"] * settings["batch"] / clock.seconds, 1),
+        # Recorded after each interval for time-to-accuracy figures; nothing in training reads it.
+        "test_accuracy_curve": curve.points,
         "validation_accuracy": history.history["val_accuracy"][-1],
         "test_accuracy": test_accuracy, "baseline_test_accuracy": baseline,
         "baseline_version": None if baseline_dir is None else int(baseline_dir.name),

@@ -1,0 +1,47 @@
+"""Training-time bookkeeping for metrics.json: seconds spent training (validation excluded), and
+the test accuracy after every evaluation interval, for throughput and time-to-accuracy figures."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Seconds spent in training steps only: the validation pass at each epoch end is not counted,
+    so images or characters per second do not depend on how often or how much is validated."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.at_epoch_end, self._since = 0.0, [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._since = time.perf_counter()
+
+    def _stop(self):
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+        self.at_epoch_end.append(round(self.seconds, 2))
+
+
+class TestAccuracyCurve(keras.callbacks.Callback):
+    """Test accuracy after every epoch (evaluation interval), for reporting time to an accuracy.
+    Only recorded: nothing in training reads it (no early stopping, no model selection)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, steps_per_epoch: int):
+        super().__init__()
+        self.x, self.y, self.steps_per_epoch, self.points = x, y, steps_per_epoch, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        predictions = self.model.predict(self.x, batch_size=500, verbose=0)
+        accuracy = float(np.mean(np.argmax(predictions, axis=1) == self.y))
+        self.points.append({"step": (epoch + 1) * self.steps_per_epoch, "test_accuracy": accuracy})
