@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -12,8 +11,17 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.tensor_protos import from_proto, to_proto
+
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# When the model server goes away, gRPC retries the connection with exponential backoff (1 s,
+# then x1.6 per failure, up to 120 s). Meanwhile every call fails at once with UNAVAILABLE (a
+# 503), even after the model server is back: one down for 10 s stayed unreachable for another
+# 6 s here, and the wait grows with the outage. Backing off from 0.1 s up to at most 1 s finds a
+# restarted model server within about a second; one connection attempt a second to one address
+# costs nothing. tests/test_faults.py measures it.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000}
 
 
 class ModelClient:
@@ -24,6 +32,7 @@ class ModelClient:
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *RECONNECT_BACKOFF_MS.items(),
         ])
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
@@ -40,9 +49,9 @@ class ModelClient:
         elif label:
             request.model_spec.version_label = label
         for key, value in inputs.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            request.inputs[key].CopyFrom(to_proto(value))
         response = self.predictions.Predict(request, timeout=timeout or self.timeout)
-        outputs = {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+        outputs = {key: from_proto(proto) for key, proto in response.outputs.items()}
         return outputs, response.model_spec.version.value
 
     def status(self, model: str) -> list[dict]:

@@ -3,6 +3,7 @@ without the TF Serving container. It reads the same serving/models.config."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class RunningModelServer:
     grpc_port: int
     rest_server: object = None
     rest_port: int | None = None
+    unix_socket: str | None = None
 
     def stop(self) -> None:
         if self.rest_server is not None:
@@ -105,14 +107,20 @@ class RunningModelServer:
             self.rest_server.server_close()
         self.grpc_server.stop(grace=2).wait()
         self.manager.stop()
+        if self.unix_socket:
+            Path(self.unix_socket).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # its folder, if nothing else is in it
+                Path(self.unix_socket).parent.rmdir()
 
 
 def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | None = None,
                        grpc_port: int = 0, rest_port: int | None = None, host: str = "0.0.0.0",
                        poll_seconds: float = 1.0, config_poll_seconds: float = 0,
                        prometheus_path: str | None = None, intra_op_threads: int = 0,
-                       inter_op_threads: int = 0, batching: dict | None = None) -> RunningModelServer:
-    """Start polling versions and serving gRPC (and REST when rest_port is not None)."""
+                       inter_op_threads: int = 0, batching: dict | None = None,
+                       unix_socket: str | None = None) -> RunningModelServer:
+    """Start polling versions and serving gRPC (and REST when rest_port is not None). gRPC also
+    listens on `unix_socket` if given: cheaper than TCP for a client on the same machine."""
     configure_threads(intra_op_threads, inter_op_threads)
     from serving.model_server.grpc_api import start_grpc_server
     from serving.model_server.rest_api import start_rest_server
@@ -121,8 +129,9 @@ def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | 
     manager = ServableManager(read_model_config(config_file), base_path_map, poll_seconds,
                               config_file=config_file if config_poll_seconds else None,
                               config_poll_seconds=config_poll_seconds, batching=batching)
-    grpc_server, bound = start_grpc_server(manager, grpc_port, host)  # bind before loading
-    running = RunningModelServer(manager, grpc_server, bound)
+    grpc_server, bound = start_grpc_server(manager, grpc_port, host,  # bind before loading
+                                           unix_socket=unix_socket)
+    running = RunningModelServer(manager, grpc_server, bound, unix_socket=unix_socket)
     if rest_port is not None:
         try:
             running.rest_server, running.rest_port = start_rest_server(manager, rest_port, host,

@@ -7,7 +7,6 @@ import time
 from concurrent import futures
 
 import grpc
-import tensorflow as tf
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -17,6 +16,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.model_server.servables import ServableManager, ServingError
+from serving.tensor_protos import from_proto, to_proto
 
 log = logging.getLogger("scribe.model_server")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # above gRPC's 4 MB default, like TF Serving's own server
@@ -39,7 +39,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         started = time.perf_counter()
         try:
             servable = self.manager.servable(*_spec(request.model_spec))
-            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+            inputs = {key: from_proto(proto) for key, proto in request.inputs.items()}
             outputs = servable.predict(request.model_spec.signature_name, inputs,
                                        list(request.output_filter) or None)
         except (ServingError, ValueError) as error:  # ValueError: a TensorProto that does not decode
@@ -57,7 +57,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+            response.outputs[key].CopyFrom(to_proto(value))
         return response
 
     def _label(self, name: str) -> str:
@@ -103,8 +103,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def start_grpc_server(manager: ServableManager, port: int, host: str = "0.0.0.0",
-                      workers: int = 32) -> tuple[grpc.Server, int]:
-    """Serve both services on host:port (0 picks a free port). Returns the server and its port."""
+                      workers: int = 32, unix_socket: str | None = None) -> tuple[grpc.Server, int]:
+    """Serve both services on host:port (0 picks a free port), and on a Unix socket if given.
+    Returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -115,5 +116,7 @@ def start_grpc_server(manager: ServableManager, port: int, host: str = "0.0.0.0"
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    if unix_socket and server.add_insecure_port(f"unix:{unix_socket}") == 0:
+        raise OSError(f"cannot bind the gRPC socket {unix_socket}")
     server.start()
     return server, bound

@@ -1,0 +1,48 @@
+"""The gateway's and the model server's tensor conversion writes and reads exactly TensorFlow's protos."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from serving.tensor_protos import from_proto, to_proto
+
+ARRAYS = [
+    np.random.default_rng(0).random((2, 28, 28), dtype=np.float32),
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.array([7, -3], np.int32),
+    np.array([1.5, 2.5]),
+    np.array([[0, 255]], np.uint8),
+    np.array([300], np.int32),  # a single value: TF writes int_val, not tensor_content
+    np.float32(0.8),  # a scalar
+    np.zeros((0, 10), np.float32),  # an empty batch
+    np.array([True, False]),
+    np.array([1, 2], np.uint16),
+    np.array([b"ROMEO:", "café".encode()]),  # strings, as the bard prompts travel
+]
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
+def test_to_proto_writes_what_make_tensor_proto_writes(array):
+    assert to_proto(array) == tf.make_tensor_proto(array)
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
+def test_from_proto_reads_what_make_ndarray_reads(array):
+    proto = tf.make_tensor_proto(array)
+    ours, theirs = from_proto(proto), tf.make_ndarray(proto)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs)
+
+
+def test_typed_value_fields_from_other_clients_are_read_too():
+    proto = tf.make_tensor_proto([[0.5, 0.25]], dtype=tf.float32)
+    proto.ClearField("tensor_content")
+    proto.float_val.extend([0.5, 0.25])  # how some clients write it: values, not raw bytes
+    assert np.array_equal(from_proto(proto), np.array([[0.5, 0.25]], np.float32))
+
+
+def test_content_that_does_not_match_the_shape_is_an_error():
+    proto = tf.make_tensor_proto(np.zeros((2, 3), np.float32))
+    proto.tensor_shape.dim[0].size = 5
+    with pytest.raises(ValueError):
+        from_proto(proto)
