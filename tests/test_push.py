@@ -1,4 +1,5 @@
-"""Pushes are atomic: a push killed at any moment leaves no partial version."""
+"""Pushes are atomic: a push, or the trainer around it, killed at any moment leaves no partial
+version."""
 
 import os
 import random
@@ -9,10 +10,28 @@ import sys
 import time
 
 from conftest import ROOT
+from reliability import record
 
-from training.push import STAGING_PREFIX, push_version, pushed_versions
+from training.push import HIGH_WATER, STAGING_PREFIX, push_version, pushed_versions
 
 PUSH = "import sys; from training.push import push_version; push_version(sys.argv[1], sys.argv[2])"
+# The end of every training job, as in training/digits.py run(): export, verify the export in a
+# fresh process with saved_model_cli, bless, push. Training itself is skipped (an untrained model
+# exports and pushes the same way), so one trainer costs seconds and can be killed many times.
+TRAINER_END = """
+import sys
+from pathlib import Path
+import numpy as np
+from training import digits, pipeline
+model_dir, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+model = digits.build_model()
+print("exporting", flush=True)
+digits.export(model, run_dir / "export")
+pipeline.verify_export(run_dir / "export", {"image": np.zeros((2, 28, 28), np.float32)},
+                       ["probabilities", "digit"])
+sys.exit(pipeline.finish("digits", run_dir, run_dir / "export", model_dir, {},
+                         pipeline.Blessing(True, "kill test"), "kill test"))
+"""
 
 
 def export_copy(trained, tmp_path, padding_mb: int = 0):
@@ -70,3 +89,102 @@ def test_push_killed_at_random_moments_never_leaves_a_partial_version(trained, t
     assert version == max(pushed_versions(model_dir))
     assert not [p for p in model_dir.iterdir() if p.name.startswith(STAGING_PREFIX)]
     assert_every_version_complete(model_dir, export)
+
+
+def start_trainer_end(model_dir, run_dir) -> subprocess.Popen:
+    """The trainer's export-verify-push in its own process group (it runs saved_model_cli as a
+    child), so a kill takes the whole job down, as stopping its container would."""
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "stderr.txt", "w") as log:
+        trainer = subprocess.Popen([sys.executable, "-c", TRAINER_END, str(model_dir), str(run_dir)],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+                                   start_new_session=True)
+    trainer.run_dir = run_dir
+    return trainer
+
+
+def trainer_log(trainer: subprocess.Popen) -> str:
+    return (trainer.run_dir / "stderr.txt").read_text()[-2000:]
+
+
+def wait_until_exporting(trainer: subprocess.Popen) -> float:
+    assert trainer.stdout.readline().strip() == "exporting", trainer_log(trainer)
+    return time.monotonic()
+
+
+def kill_job(trainer: subprocess.Popen) -> bool:
+    """SIGKILL the trainer and its children; True if it was still running."""
+    running = trainer.poll() is None
+    try:
+        os.killpg(trainer.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had finished, children and all
+        pass
+    trainer.wait(timeout=30)
+    return running
+
+
+def test_trainer_killed_during_export_verify_and_push_never_shows_a_partial_version(tmp_path):
+    from serving.model_server import read_model_config
+    from serving.model_server.servables import END, ServableManager
+
+    base, runs = tmp_path / "models", tmp_path / "runs"
+    model_dir = base / "digits"
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "digits" base_path: "/models/digits" '
+                      'model_version_policy { all {} } } }')
+    # A model server watching all along: it loads every version the moment it becomes visible,
+    # so a partial one would fail to load and show up in its status.
+    server = ServableManager(read_model_config(config), {"/models": str(base)}, poll_seconds=0.05)
+    server.start()
+    try:
+        trainer = start_trainer_end(model_dir, runs / "calibration")
+        exporting = wait_until_exporting(trainer)
+        assert trainer.wait(timeout=300) == 0, trainer_log(trainer)
+        window = time.monotonic() - exporting  # export -> verify -> bless -> push -> exit
+        assert pushed_versions(model_dir) == [1]
+
+        # Kills spread across the window: during export, saved_model_cli, and the push.
+        rng = random.Random(11)
+        moments, kills, landed = [(i + rng.random()) / 4 * 0.9 * window for i in range(4)], 0, 0
+        for i, moment in enumerate(moments):
+            trainer = start_trainer_end(model_dir, runs / f"killed-{i}")
+            time.sleep(max(0.0, wait_until_exporting(trainer) + moment - time.monotonic()))
+            kills, landed = kills + 1, landed + kill_job(trainer)
+        # And kills aimed at the push itself: the moment its staging folder appears.
+        staging_left = 0
+        for i in range(3):
+            trainer = start_trainer_end(model_dir, runs / f"killed-in-push-{i}")
+            wait_until_exporting(trainer)
+            while trainer.poll() is None and not any(
+                    p.name.startswith(STAGING_PREFIX) for p in model_dir.iterdir()):
+                time.sleep(0.0005)
+            kills, landed = kills + 1, landed + kill_job(trainer)
+            staging_left = sum(p.name.startswith(STAGING_PREFIX) for p in model_dir.iterdir())
+            if staging_left:
+                break
+        assert staging_left, "no kill landed inside a push: the leftovers case went untested"
+        before_final = max([int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+                           + [int((model_dir / HIGH_WATER).read_text())])
+
+        trainer = start_trainer_end(model_dir, runs / "final")
+        wait_until_exporting(trainer)
+        assert trainer.wait(timeout=300) == 0, trainer_log(trainer)  # despite the leftovers
+        final = max(pushed_versions(model_dir))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and final not in server.models["digits"].loaded:
+            time.sleep(0.05)
+        status = server.status("digits")
+    finally:
+        server.stop()
+    record("trainer_killed_during_export_and_push", kills=kills, kills_landed=landed,
+           window_s=round(window, 1), staging_left_by_a_kill=staging_left,
+           versions_pushed=len(pushed_versions(model_dir)), final_version=final,
+           partial_versions_seen=sum(1 for _, state, error in status if state == END and error))
+    assert landed >= 3, "most kills came after the trainer had finished: the test proved little"
+    assert final == before_final + 1
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    assert not [p for p in model_dir.iterdir() if p.name.isdigit() and not (p / "saved_model.pb").is_file()]
+    # Every version directory the model server ever saw was whole: it loaded, none failed.
+    assert [(v, error) for v, _, error in status if error] == []
+    assert {v for v, _, _ in status} == set(pushed_versions(model_dir))
+    assert final in server.models["digits"].loaded

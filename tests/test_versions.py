@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from conftest import copy_model_base
+from reliability import record
 
 from serving.model_server import read_model_config
 from serving.model_server.servables import AVAILABLE, END, ServableManager, ServingError
@@ -32,22 +33,37 @@ def test_latest_policy_serves_the_newest_version(two_versions, tmp_path):
     assert [(v, state) for v, state, _ in manager.status("digits")] == [(2, AVAILABLE)]
 
 
+def corrupt_graph(version):
+    (version / "saved_model.pb").write_bytes(b"half written garbage")
+
+
+def truncate_variables(version):  # a copy that stopped half way through the weights
+    data = next((version / "variables").glob("variables.data-*"))
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_graph, truncate_variables])
 def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
-        trained, tmp_path, caplog):
+        trained, tmp_path, caplog, corrupt):
     base = copy_model_base(trained, tmp_path / "models")
     manager = manager_for(base, tmp_path)
     manager.poll_once()
     broken = base / "digits" / "2"
     shutil.copytree(base / "digits" / "1", broken)
-    (broken / "saved_model.pb").write_bytes(b"half written garbage")
+    corrupt(broken)
     with caplog.at_level(logging.ERROR, logger="scribe.model_server"):
         manager.poll_once()
         manager.poll_once()  # a failed version is not retried until its files change
     assert manager.servable("digits").version == 1
     status = {v: (state, error) for v, state, error in manager.status("digits")}
+    failed_loads = len([r for r in caplog.records if "Failed to load version 2" in r.message])
+    record(f"newest_version_broken_{corrupt.__name__}", versions_on_disk=2,
+           serving_version=manager.servable("digits").version,
+           broken_version_state="END" if status[2][0] == END else status[2][0],
+           failed_load_attempts_in_2_polls=failed_loads, error=status[2][1].rsplit(": ", 1)[-1][:120])
     assert status[1] == (AVAILABLE, "")
     assert status[2][0] == END and "Failed to load version 2 of digits" in status[2][1]
-    assert len([r for r in caplog.records if "Failed to load version 2" in r.message]) == 1
+    assert failed_loads == 1
 
 
 def test_removing_the_newest_version_rolls_serving_back(two_versions, tmp_path):
