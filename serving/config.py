@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +21,18 @@ class Settings:
     intra_op_threads: int = 1  # embedded server: TensorFlow threads per op (0: TF's default)
     batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
+    # Generations in flight per gateway process; more are turned away at once (429). Half of
+    # gunicorn's 16 threads: a flood of generations leaves threads for digits, /readyz and
+    # /metrics, and 8 at a time (up to ~1 s each for 2,000 characters on the cpu model, batched
+    # by the model server) keep the model busy; a queue beyond that only adds waiting.
+    max_generations: int = 8
+    # A client that sends or reads nothing for this long is disconnected (slowloris, a stalled
+    # reader of a stream): each waiting client holds one of gunicorn's threads.
+    client_timeout_seconds: float = 30.0
     max_body_bytes: int = 10 * 1024 * 1024
+    api_keys: str = dataclasses.field(default="", repr=False)  # comma-separated; empty: keys off
+    api_keys_file: str = ""  # a file with one API key per line (Docker secrets), added to api_keys
+    cors_origins: str = ""  # comma-separated origins allowed by CORS, "*" for any; empty: no CORS
     max_image_pixels: int = 4096 * 4096  # decompression bomb guard, checked before decoding
     max_images: int = 64  # images per digits request
     max_prompt_chars: int = 4000

@@ -2,7 +2,8 @@
 
 Errors are `{"error": {"code", "message"}}` with the status in the design: 400 malformed,
 401 unauthorised, 404 no such version, 413 too large, 415 unsupported media type, 422 out of
-range, 503 model unavailable (with Retry-After), 504 model timeout. Never a stack trace.
+range, 429 overloaded (with Retry-After), 503 model unavailable (with Retry-After), 504 model
+timeout. Never a stack trace.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def out_of_range(message: str) -> ApiError:
 
 def model_unavailable(message: str) -> ApiError:
     return ApiError(503, "model_unavailable", message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def overloaded(message: str) -> ApiError:
+    # A slot frees up as soon as one generation ends (about a second at most): retry soon.
+    return ApiError(429, "overloaded", message, {"Retry-After": "1"})
 
 
 PREPROCESS_ERRORS = {

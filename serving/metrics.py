@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -25,6 +25,12 @@ def install_metrics(app: Flask) -> CollectorRegistry:
 
     app.extensions["generation_chunks"] = Counter(
         "scribe_generation_chunks_total", "text chunks generated for streams", registry=registry)
+    app.extensions["generations_in_flight"] = Gauge(
+        "scribe_generations_in_flight", "text generations holding a slot (streams until they end)",
+        registry=registry)
+    app.extensions["generation_rejections"] = Counter(
+        "scribe_generation_rejections_total", "text generations turned away with 429: all slots taken",
+        registry=registry)
 
     @app.before_request
     def start_timer():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -29,11 +31,55 @@ MAX_SEED = 2**63 - 1
 DEFAULTS = {"max_chars": 300, "temperature": 0.8, "top_k": 0}
 
 
+@text.record_once
+def create_slots(state) -> None:
+    """Admission control: at most SCRIBE_MAX_GENERATIONS generations in flight in this process."""
+    limit = state.app.extensions["scribe"].settings.max_generations
+    state.app.extensions["generation_slots"] = threading.BoundedSemaphore(limit)
+
+
+def take_slot():
+    """A slot for one generation, taken without waiting, or 429 with Retry-After at once.
+
+    Returns its release function, which frees the slot at most once however often it is called."""
+    slots = current_app.extensions["generation_slots"]
+    in_flight = current_app.extensions["generations_in_flight"]
+    if not slots.acquire(blocking=False):
+        current_app.extensions["generation_rejections"].inc()
+        raise errors.overloaded("too many generations in progress; retry after the Retry-After seconds")
+    in_flight.inc()
+    released = threading.Lock()
+
+    def release() -> None:
+        if released.acquire(blocking=False):
+            in_flight.dec()
+            slots.release()
+    return release
+
+
 @text.post("/v1/text/generate")
 def generate():
     gateway = current_app.extensions["scribe"]
     params = read_params(gateway.settings.max_prompt_chars)
     version, label = read_pin()
+    release = take_slot()
+    try:
+        response = generation(gateway, params, version, label)
+    except BaseException:
+        release()
+        raise
+    if not response.is_streamed:
+        release()
+        return response
+    # A stream holds its slot until it ends: the WSGI server closes the response when the last
+    # event is written or a write to a client that went away fails. Should the response be
+    # dropped without being closed (an error after this view), its garbage collection frees it.
+    response.call_on_close(weakref.finalize(response, release))
+    return response
+
+
+def generation(gateway, params: dict, version, label) -> Response:
+    """The continuation as one JSON response, or a stream of server-sent events."""
     model = gateway.settings.text_model
     wants_stream = params.pop("stream") or (
         request.accept_mimetypes.best == "text/event-stream")

@@ -1,0 +1,251 @@
+"""Overload: more generations than the gateway takes, abandoned streams and slow clients.
+
+The real gateway runs under gunicorn (`python -m serving`, one worker, a few threads) over the
+tiny real models, with room for two generations at a time and a 2 s client timeout. Requests
+over the bound get 429 with Retry-After at once, admitted ones finish, streams give their slot
+back however they end, and clients that stall are disconnected instead of holding threads."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, copy_model_base, free_port
+from reliability import record, rss_mb
+
+THREADS = 6
+MAX_GENERATIONS = 2
+CLIENT_TIMEOUT = 2.0
+LINGER = 2.0  # a closing connection's thread waits this long at most for the client to close
+
+
+@dataclass
+class Gunicorn:
+    url: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def worker_rss_mb(self) -> float:
+        return round(sum(rss_mb(pid) for pid in self.worker_pids()), 1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def metric(self, name: str) -> float:
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+    def wait_until_idle(self, timeout: float = 15) -> float:
+        """Seconds until no generation holds a slot."""
+        started = time.monotonic()
+        while self.metric("scribe_generations_in_flight") != 0:
+            assert time.monotonic() - started < timeout, "generation slots were not given back"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def server(trained, trained_bard, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("overload")
+    copy_model_base(trained, folder / "models")
+    copy_model_base(trained_bard, folder / "models")
+    live = start_gunicorn(folder)
+    yield live
+    live.stop()
+
+
+def start_gunicorn(folder: Path) -> Gunicorn:
+    """`python -m serving` over `folder`/models, once /readyz answers 200."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+    env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS="1",
+               SCRIBE_THREADS=str(THREADS), SCRIBE_MAX_GENERATIONS=str(MAX_GENERATIONS),
+               SCRIBE_CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
+               SCRIBE_STREAM_CHUNK_CHARS="1")  # one model call per character: streams last seconds
+    log = folder / "gunicorn.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    live = Gunicorn(f"http://127.0.0.1:{port}", port, process, log)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready in time\n" + log.read_text()[-3000:]
+            try:
+                if requests.get(live.url + "/readyz", timeout=10).status_code == 200:
+                    return live
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+    except BaseException:
+        live.stop()
+        raise
+
+
+def generate(server: Gunicorn, seed: int, max_chars: int = 500) -> tuple[requests.Response, float]:
+    started = time.perf_counter()
+    response = requests.post(server.url + "/v1/text/generate", timeout=60,
+                             json={"prompt": "ROMEO:", "max_chars": max_chars, "seed": seed})
+    return response, time.perf_counter() - started
+
+
+def burst(server: Gunicorn, count: int) -> list[tuple[requests.Response, float]]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda seed: generate(server, seed), range(count)))
+
+
+def open_stream(server: Gunicorn, max_chars: int) -> socket.socket:
+    """A streamed generation over a raw socket, read up to its first event."""
+    body = f'{{"prompt": "ROMEO:", "max_chars": {max_chars}, "seed": 3, "stream": true}}'.encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/text/generate HTTP/1.1\r\nHost: scribe\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"event: chunk" not in received:
+        data = sock.recv(4096)
+        assert data, "the stream ended before its first event"
+        received += data
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def test_a_burst_over_the_bound_gets_429_at_once_and_admitted_generations_finish(server):
+    generate(server, seed=0)  # memory is measured from after a first generation
+    rss_before = server.worker_rss_mb()
+    rejections_before = server.metric("scribe_generation_rejections_total")
+
+    results = burst(server, 48)
+
+    statuses = [response.status_code for response, _ in results]
+    admitted = [(response, seconds) for response, seconds in results if response.status_code == 200]
+    rejected = [(response, seconds) for response, seconds in results if response.status_code == 429]
+    assert len(admitted) + len(rejected) == len(results), statuses  # no 5xx, nothing else
+    assert len(admitted) >= MAX_GENERATIONS and rejected, statuses
+    for response, _ in admitted:
+        assert response.json()["text"], response.text
+    for response, _ in rejected:
+        assert response.json()["error"]["code"] == "overloaded"
+        assert int(response.headers["Retry-After"]) >= 1
+    reject_seconds = [seconds for _, seconds in rejected]
+    # Turned away without waiting for a slot: far quicker than a queue behind the generations.
+    assert max(reject_seconds) < 3, reject_seconds
+    assert statistics.median(reject_seconds) < 1, reject_seconds
+    assert server.metric("scribe_generation_rejections_total") - rejections_before == len(rejected)
+
+    server.wait_until_idle()
+    rss_after = server.worker_rss_mb()
+    assert rss_after - rss_before < 150, (rss_before, rss_after)
+    record("generation_overload", requests=len(results), max_generations=MAX_GENERATIONS,
+           threads=THREADS, admitted=len(admitted), rejected_429=len(rejected),
+           failures=len(results) - len(admitted) - len(rejected),
+           max_reject_ms=round(max(reject_seconds) * 1000),
+           median_reject_ms=round(statistics.median(reject_seconds) * 1000),
+           max_admitted_ms=round(max(seconds for _, seconds in admitted) * 1000),
+           rss_before_mb=rss_before, rss_after_mb=rss_after)
+
+
+def test_full_capacity_comes_back_after_a_burst(server):
+    burst(server, 24)
+    server.wait_until_idle()
+    with ThreadPoolExecutor(MAX_GENERATIONS) as pool:
+        results = list(pool.map(lambda seed: generate(server, seed, max_chars=50), range(MAX_GENERATIONS)))
+    assert [response.status_code for response, _ in results] == [200] * MAX_GENERATIONS
+
+
+def test_a_stream_holds_its_slot_until_the_client_goes_away(server):
+    server.wait_until_idle()
+    # Each stream would write 2,000 characters one model call at a time: many seconds.
+    streams = [open_stream(server, max_chars=2000) for _ in range(MAX_GENERATIONS)]
+    assert server.metric("scribe_generations_in_flight") == MAX_GENERATIONS
+    response, _ = generate(server, seed=1, max_chars=10)
+    assert response.status_code == 429
+
+    for stream in streams:
+        stream.close()
+    released = server.wait_until_idle(timeout=10)
+
+    with ThreadPoolExecutor(MAX_GENERATIONS) as pool:
+        results = list(pool.map(lambda seed: generate(server, seed, max_chars=50), range(MAX_GENERATIONS)))
+    assert [response.status_code for response, _ in results] == [200] * MAX_GENERATIONS
+    record("abandoned_streams", streams=len(streams), max_generations=MAX_GENERATIONS,
+           slots_back_after_ms=round(released * 1000), capacity_after=MAX_GENERATIONS)
+
+
+def test_a_finished_stream_gives_its_slot_back(server):
+    server.wait_until_idle()
+    response = requests.post(server.url + "/v1/text/generate", timeout=60, json={
+        "prompt": "ROMEO:", "max_chars": 20, "seed": 5, "stream": True})
+    assert response.status_code == 200 and "event: done" in response.text
+    server.wait_until_idle(timeout=5)
+
+
+def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
+    """Three times as many stalled connections as threads: half stop in the headers, half in the body."""
+    partial_headers = b"POST /v1/text/generate HTTP/1.1\r\nHost: scribe\r\nContent-Ty"
+    partial_body = (b"POST /v1/text/generate HTTP/1.1\r\nHost: scribe\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 200\r\n\r\n{\"prompt\": \"RO")
+    started = time.monotonic()
+
+    def closed_after(sock: socket.socket) -> tuple[float, bytes]:
+        received = b""
+        try:
+            while data := sock.recv(4096):
+                received += data
+        except ConnectionResetError:
+            pass
+        return time.monotonic() - started, received
+
+    slow = []
+    with ThreadPoolExecutor(3 * THREADS) as pool:
+        for i in range(3 * THREADS):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            sock.sendall(partial_headers if i % 2 == 0 else partial_body)
+            slow.append(sock)
+        watching = [pool.submit(closed_after, sock) for sock in slow]
+        time.sleep(0.5)  # every thread is now waiting on a stalled client
+        served = requests.get(server.url + "/v1/models", timeout=60)
+        served_after = time.monotonic() - started
+        closes = [future.result() for future in watching]
+    for sock in slow:
+        sock.close()
+    # The threads take the stalled clients THREADS at a time (the other request queues behind
+    # them). Each round is over within the client timeout plus a closing connection's linger.
+    rounds = -(-len(slow) // THREADS)
+    assert served.status_code == 200
+    assert served_after < rounds * (CLIENT_TIMEOUT + LINGER) + 8, served_after
+    close_times = sorted(seconds for seconds, _ in closes)
+    for i, seconds in enumerate(close_times):
+        assert CLIENT_TIMEOUT * 0.9 <= seconds < (i // THREADS + 1) * (CLIENT_TIMEOUT + LINGER) + 1, \
+            close_times
+    for i, (_, received) in enumerate(closes):
+        if i % 2 == 0:
+            assert received == b"", received  # no request to answer: just closed
+        else:
+            assert received == b"" or received.startswith(b"HTTP/1.1 400"), received
+    response, _ = generate(server, seed=2, max_chars=50)
+    assert response.status_code == 200
+    record("slow_clients", slow_connections=len(slow), threads=THREADS,
+           client_timeout_s=CLIENT_TIMEOUT, other_request_served_s=round(served_after, 2),
+           first_closed_s=round(min(s for s, _ in closes), 2),
+           last_closed_s=round(max(s for s, _ in closes), 2))
