@@ -28,4 +28,7 @@ def read_pin() -> tuple[int | None, str | None]:
             raise errors.out_of_range(f"'version' must be between 1 and {MAX_VERSION}")
     if label is not None and (not isinstance(label, str) or not label):
         raise errors.bad_request("'label' must be a non-empty string")
+    if label is not None and any(0xD800 <= ord(c) <= 0xDFFF for c in label):
+        # A JSON "\ud800" escape: not encodable as the UTF-8 the model server's protobuf needs.
+        raise errors.bad_request("'label' contains unpaired surrogates: not valid Unicode text")
     return version, label
