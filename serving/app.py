@@ -1,8 +1,8 @@
 """The Flask gateway: HTTP in, preprocess, gRPC Predict to the model server, JSON out.
 
 `create_app()` is the application factory (gunicorn: `serving.app:create_app()`). With no
-SCRIBE_MODEL_SERVER configured it starts the embedded model server in-process on loopback, so
-the gateway always talks TF Serving's gRPC API.
+SCRIBE_MODEL_SERVER configured it starts the embedded model server in-process, on a private Unix
+socket, so the gateway always talks TF Serving's gRPC API.
 """
 
 from __future__ import annotations

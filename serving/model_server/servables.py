@@ -47,7 +47,7 @@ class Servable:
     name: str
     version: int
     path: Path
-    model: object
+    session: object  # a tf.compat.v1.Session holding the SavedModel's graph and variables
     signature_defs: dict  # name -> meta_graph_pb2.SignatureDef
     batchers: dict = field(default_factory=dict)  # signature -> DynamicBatcher
 
@@ -95,12 +95,11 @@ class Servable:
         return {key: outputs[key] for key in wanted}
 
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fn = self.model.signatures[signature]
-        expected = self.signature_defs[signature].inputs
+        spec = self.signature_defs[signature]
+        names = list(spec.outputs)
         try:
-            feed = {key: tf.constant(value, dtype=tf.dtypes.as_dtype(expected[key].dtype))
-                    for key, value in inputs.items()}
-            outputs = fn(**feed)
+            values = self.session.run([spec.outputs[name].name for name in names],
+                                      {spec.inputs[key].name: value for key, value in inputs.items()})
         except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", _first_line(exc)) from None
         except tf.errors.OpError as exc:  # keep TensorFlow's own code: RESOURCE_EXHAUSTED, ...
@@ -108,7 +107,7 @@ class Servable:
             name = {3: "INVALID_ARGUMENT", 8: "RESOURCE_EXHAUSTED", 4: "DEADLINE_EXCEEDED",
                     9: "FAILED_PRECONDITION", 11: "OUT_OF_RANGE"}.get(code, "INTERNAL")
             raise ServingError(name, _first_line(exc)) from None
-        return {key: value.numpy() for key, value in outputs.items()}
+        return dict(zip(names, values, strict=True))
 
 
 @dataclass
@@ -138,10 +137,27 @@ def read_signature_defs(path: Path) -> dict:
     return {name: defs[name] for name in defs if not name.startswith("__")}
 
 
+def load_session(path: Path):
+    """The SavedModel in a TF1 session, the way TF Serving loads it (SavedModelBundle): a run
+    costs about half the CPU of calling the restored signature function eagerly (0.9 against
+    1.6 ms for one digit here), and every export is already checked through this loader by
+    `saved_model_cli run`. The session uses this process's thread settings (configure_threads).
+    Nothing closes it: requests still running on an unloaded version keep it alive until they
+    end, and garbage collection closes it after them."""
+    graph = tf.Graph()
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    with graph.as_default():
+        tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], str(path))
+    return session
+
+
 def load_servable(name: str, version: int, path: Path, batching: dict | None = None) -> Servable:
     """Load a SavedModel and run its warmup records (if any) before it takes traffic."""
-    servable = Servable(name, version, path, tf.saved_model.load(str(path)),
-                        read_signature_defs(path))
+    signature_defs = read_signature_defs(path)
+    servable = Servable(name, version, path, load_session(path), signature_defs)
     if batching is not None:
         servable.enable_batching(batching)
     warmup = path / WARMUP_FILE
