@@ -108,6 +108,8 @@ class GatewayServer(BaseApplication):
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env()
+    if not 0 < settings.client_timeout_seconds < 86_400:  # 0 would turn the kernel's timeout off
+        raise SystemExit("SCRIBE_CLIENT_TIMEOUT_SECONDS must be above 0 and below a day")
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     print(f"Scribe gateway on http://{host}:{settings.port}", flush=True)
     GatewayServer(settings).run()

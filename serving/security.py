@@ -37,7 +37,8 @@ def read_api_keys(settings: Settings) -> list[str]:
         except OSError as error:
             raise SystemExit(f"SCRIBE_API_KEYS_FILE: cannot read {settings.api_keys_file}: "
                              f"{error.strerror}") from None
-        file_keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        stripped = [line.strip() for line in lines]
+        file_keys = [line for line in stripped if line and not line.startswith("#")]
         if not file_keys:  # a mounted but empty secret must not silently open the API
             raise SystemExit(f"SCRIBE_API_KEYS_FILE: {settings.api_keys_file} holds no keys")
         keys += file_keys

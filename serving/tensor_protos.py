@@ -35,7 +35,8 @@ def to_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
 
 
 def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """A TensorProto as a numpy array (what tf.make_ndarray returns)."""
+    """A TensorProto as a numpy array (what tf.make_ndarray returns, but a read-only view of the
+    proto's bytes when they are in tensor_content: copy it before changing it in place)."""
     dtype = FROM_ENUM.get(proto.dtype)
     if dtype is None or not proto.tensor_content or not LITTLE_ENDIAN:
         return tf.make_ndarray(proto)

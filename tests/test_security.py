@@ -46,7 +46,7 @@ def sharing_model_server(gateway: LiveGateway, **overrides) -> LiveGateway:
 @pytest.fixture(scope="module")
 def locked(open_gateway, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("secrets") / "api_keys"
-    keys_file.write_text(f"# one key a line\n{FILE_KEY}\n")
+    keys_file.write_text(f"# one key a line\n{FILE_KEY}\n  # rotate this one in June\n")
     live = sharing_model_server(open_gateway, api_keys=",".join(KEYS), api_keys_file=str(keys_file),
                                 cors_origins=ORIGIN)
     yield live
@@ -112,11 +112,12 @@ def test_the_api_and_metrics_need_a_key(locked, method, path):
     bearer(KEYS[0] + "0"),                # a key with more after it
     bearer(KEYS[0].upper()),              # keys are case-sensitive
     bearer(",".join(KEYS)),               # the whole configured list is not a key
+    bearer("# rotate this one in June"),  # an indented comment in the keys file is not a key
     bearer("k1-alpha-3f9\u00e9"),         # not ASCII: still a 401, never a 500
     {"Authorization": "Bearer "},
     {"Authorization": f"Basic {KEYS[0]}"},  # only the Bearer scheme carries a key
     {"X-API-Key": "not-a-key"},
-], ids=["wrong", "prefix", "longer", "case", "list", "latin1", "empty", "basic", "x-api-key"])
+], ids=["wrong", "prefix", "longer", "case", "list", "comment", "latin1", "empty", "basic", "x-api-key"])
 def test_a_wrong_key_gets_401(locked, headers):
     response = predict(locked, **headers)
     assert response.status_code == 401, response.text

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
 import pytest
 import requests
 from conftest import ROOT, SONNETS, run_training
 
+from training.bard import generation_inputs
 from training.pipeline import saved_model_cli_run
 
 
@@ -263,3 +265,15 @@ def test_a_stream_outliving_its_version_continues_on_the_new_one(trained_bard, t
     assert kinds == ["event: chunk"] * 4 + ["event: done"]
     done = json.loads(stream[-1].split("data: ", 1)[1])
     assert done["versions"] == [1, 2] and len(done["text"]) == 40
+
+
+def test_the_model_server_refuses_a_float_for_an_integer_input(gateway):
+    """As TF Serving does: max_chars is int32, and 1.5 is not quietly turned into 1."""
+    client = gateway.app.extensions["scribe"].client
+    inputs = {"prompt": np.array([b"ROMEO:"]), **generation_inputs(1, 5, seed=1)}
+    outputs, _ = client.predict("bard", inputs)
+    assert len(outputs["text"][0]) > 0
+    with pytest.raises(grpc.RpcError) as refused:
+        client.predict("bard", {**inputs, "max_chars": np.array([1.5])})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_chars" in refused.value.details()

@@ -65,6 +65,10 @@ class Servable:
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.stop()
+        # The batchers' run functions point back at this servable: drop them, so that once the
+        # last request on this version ends, reference counting frees its session at once
+        # instead of whenever a full garbage collection runs.
+        self.batchers = {}
 
     def predict(self, signature: str, inputs: dict[str, np.ndarray],
                 output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -97,6 +101,12 @@ class Servable:
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.signature_defs[signature]
         names = list(spec.outputs)
+        for key, value in inputs.items():  # as TF Serving: no silent float -> int or text -> number
+            wanted = tf.dtypes.as_dtype(spec.inputs[key].dtype).as_numpy_dtype
+            if not np.can_cast(np.asarray(value).dtype, wanted, "same_kind"):
+                raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be "
+                                   f"{tf.dtypes.as_dtype(spec.inputs[key].dtype).name}, "
+                                   f"got {np.asarray(value).dtype}")
         try:
             values = self.session.run([spec.outputs[name].name for name in names],
                                       {spec.inputs[key].name: value for key, value in inputs.items()})
@@ -161,13 +171,18 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
     if batching is not None:
         servable.enable_batching(batching)
     warmup = path / WARMUP_FILE
-    if warmup.exists():
-        for record in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
-            entry = prediction_log_pb2.PredictionLog.FromString(record)
-            if entry.WhichOneof("log_type") == "predict_log":
-                request = entry.predict_log.request
-                servable.predict(request.model_spec.signature_name,
-                                 {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+    try:
+        if warmup.exists():
+            for record in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
+                entry = prediction_log_pb2.PredictionLog.FromString(record)
+                if entry.WhichOneof("log_type") == "predict_log":
+                    request = entry.predict_log.request
+                    servable.predict(request.model_spec.signature_name,
+                                     {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+    except BaseException:  # a failed warmup fails the load: leave no batch threads or session behind
+        servable.close()
+        servable.session.close()
+        raise
     return servable
 
 
