@@ -161,6 +161,9 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     run_dir = runs_dir / NAME / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(SEED)
+    # Same data, profile and seed: the same weights. Without this, the order in which CPU threads
+    # add up gradients varies from run to run, and so do the trained versions.
+    tf.config.experimental.enable_op_determinism()
 
     splits = load_digits(data)
     print(f"{NAME}: profile {profile}, {splits.describe()}, run folder {run_dir}", flush=True)
