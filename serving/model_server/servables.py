@@ -51,6 +51,14 @@ class Servable:
     signature_defs: dict  # name -> meta_graph_pb2.SignatureDef
     batchers: dict = field(default_factory=dict)  # signature -> DynamicBatcher
 
+    def __post_init__(self):
+        # What each run needs from the signature, worked out once instead of on every request:
+        # the output names and tensors, and each input's tensor and dtype.
+        self._plans = {
+            name: (list(spec.outputs), [t.name for t in spec.outputs.values()],
+                   {key: (t.name, tf.dtypes.as_dtype(t.dtype)) for key, t in spec.inputs.items()})
+            for name, spec in self.signature_defs.items()}
+
     def enable_batching(self, parameters: dict) -> None:
         """Batch the signatures whose every input and output has a batch dimension (digits and
         bard alike); any other signature runs request by request (TF Serving would refuse it)."""
@@ -99,17 +107,13 @@ class Servable:
         return {key: outputs[key] for key in wanted}
 
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.signature_defs[signature]
-        names = list(spec.outputs)
+        names, fetches, feeds = self._plans[signature]
         for key, value in inputs.items():  # as TF Serving: no silent float -> int or text -> number
-            wanted = tf.dtypes.as_dtype(spec.inputs[key].dtype).as_numpy_dtype
-            if not np.can_cast(np.asarray(value).dtype, wanted, "same_kind"):
-                raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be "
-                                   f"{tf.dtypes.as_dtype(spec.inputs[key].dtype).name}, "
-                                   f"got {np.asarray(value).dtype}")
+            given, (_, wanted) = np.asarray(value).dtype, feeds[key]
+            if not np.can_cast(given, wanted.as_numpy_dtype, "same_kind"):
+                raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {wanted.name}, got {given}")
         try:
-            values = self.session.run([spec.outputs[name].name for name in names],
-                                      {spec.inputs[key].name: value for key, value in inputs.items()})
+            values = self.session.run(fetches, {feeds[key][0]: value for key, value in inputs.items()})
         except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", _first_line(exc)) from None
         except tf.errors.OpError as exc:  # keep TensorFlow's own code: RESOURCE_EXHAUSTED, ...
