@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,9 +54,9 @@ def main() -> int:
               "seed": np.array([1], np.int64)}
     prompt = np.array([b"ROMEO:"])
 
-    def in_graph() -> tuple[float, str]:
+    def in_graph(chars: int = args.chars) -> tuple[float, str]:
         started = time.perf_counter()
-        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.array([args.chars], np.int32),
+        out, _ = client.predict("bard", {"prompt": prompt, "max_chars": np.array([chars], np.int32),
                                          **params})
         return time.perf_counter() - started, out["text"][0].decode()
 
@@ -101,8 +97,8 @@ def main() -> int:
     assert graph_runs[0][1] == loop_runs[0][1] == floor_runs[0][1], \
         "every way must write the same text for the same seed"
     first_chunk = {  # seconds to the first piece of text a streaming client could show
-        "in_graph": statistics.median(first_call(client, prompt, chunk, params) for _ in range(args.repeats)),
-        "step_loop": statistics.median(first_call(client, prompt, 1, params) for _ in range(args.repeats)),
+        "in_graph": statistics.median(in_graph(chunk)[0] for _ in range(args.repeats)),
+        "step_loop": statistics.median(in_graph(1)[0] for _ in range(args.repeats)),  # its first step
         "compute_floor": statistics.median(compute_floor(chunk)[0] for _ in range(args.repeats)),
     }
     client.close()
@@ -143,32 +139,18 @@ def main() -> int:
     return 0
 
 
-def first_call(client, prompt, chars: int, params: dict) -> float:
-    started = time.perf_counter()
-    client.predict("bard", {"prompt": prompt, "max_chars": np.array([chars], np.int32), **params})
-    return time.perf_counter() - started
-
-
 def gateway_stream(model_base: Path, chars: int, repeats: int) -> dict:
     """A `stream: true` request to the gateway under gunicorn: seconds to the first chunk event
     and to the end of the stream, median of `repeats`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SCRIBE_MODEL_DIR": str(model_base.resolve()), "PORT": str(port),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    from http_digits import Server, free_port  # bench/ is on the path: run as a script
+
+    port = free_port()
+    env = {"SCRIBE_MODEL_DIR": str(model_base.resolve()), "PORT": str(port), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    server = Server("gateway", [sys.executable, "-m", "serving"], env, port)
+    url = server.url
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        if server.wait_until_ready() is None:
+            raise TimeoutError("the gateway did not become ready")
         body = {"prompt": "ROMEO:", "max_chars": chars, "seed": 1, "temperature": 0.8, "stream": True}
         runs = []
         for _ in range(repeats + 1):  # the first one warms up
@@ -182,8 +164,7 @@ def gateway_stream(model_base: Path, chars: int, repeats: int) -> dict:
         return {"first_chunk": statistics.median(f for f, _ in runs[1:]),
                 "seconds": statistics.median(t for _, t in runs[1:])}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
+        server.stop()
 
 
 if __name__ == "__main__":

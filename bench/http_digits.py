@@ -124,6 +124,19 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not answer")
 
+    def wait_until_ready(self, timeout: float = 180) -> float | None:
+        """Seconds from process start to /readyz 200 (every configured model AVAILABLE)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"{self.name} exited"
+            try:
+                if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return time.monotonic() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        return None
+
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
@@ -193,15 +206,7 @@ def main() -> int:
     port = free_port()
     server = Server("cold start", [sys.executable, "-m", "serving"], {**gateway_env, "PORT": str(port)}, port)
     try:
-        deadline = time.monotonic() + 180
-        cold = None
-        while time.monotonic() < deadline and cold is None:
-            try:
-                if requests.get(server.url + "/readyz", timeout=5).status_code == 200:
-                    cold = time.monotonic() - server.started
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
+        cold = server.wait_until_ready()
         results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
     finally:
         server.stop()

@@ -68,6 +68,11 @@ def copy_model_base(trained: TrainedRun, target: Path) -> Path:
     return target
 
 
+def predict(gateway, **kwargs) -> requests.Response:
+    """POST /v1/digits/predict to a live gateway."""
+    return requests.post(gateway.url + "/v1/digits/predict", timeout=30, **kwargs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,12 +18,9 @@ import time
 import numpy as np
 import pytest
 import requests
+from conftest import predict
 from drawings import draw_digit, png_bytes
 from PIL import Image
-
-
-def predict(gateway, **kwargs) -> requests.Response:
-    return requests.post(gateway.url + "/v1/digits/predict", timeout=30, **kwargs)
 
 
 def predict_raw(gateway, data: bytes, content_type: str = "image/png") -> requests.Response:
@@ -57,12 +54,6 @@ def keeps_answering(gateway):
     assert digit_of(predict_raw(gateway, png_bytes(draw_digit(2)))) == 2
 
 
-def encoded(image: Image.Image, format: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **save_args)
-    return buffer.getvalue()
-
-
 # --- images: broken -----------------------------------------------------------------------------
 
 def corrupt_png_data() -> bytes:
@@ -89,9 +80,9 @@ def png_with_wrong_crc() -> bytes:
 @pytest.mark.parametrize("data, content_type", [
     pytest.param(corrupt_png_data(), "image/png", id="png-garbage-pixel-data"),
     pytest.param(png_with_wrong_crc(), "image/png", id="png-wrong-crc"),
-    pytest.param(encoded(draw_digit(5), "JPEG")[:400], "image/jpeg", id="jpeg-truncated"),
-    pytest.param(encoded(draw_digit(5).convert("P"), "GIF")[:300], "image/gif", id="gif-truncated"),
-    pytest.param(encoded(draw_digit(5), "WEBP")[:200], "image/webp", id="webp-truncated"),
+    pytest.param(png_bytes(draw_digit(5), format="JPEG")[:400], "image/jpeg", id="jpeg-truncated"),
+    pytest.param(png_bytes(draw_digit(5).convert("P"), format="GIF")[:300], "image/gif", id="gif-truncated"),
+    pytest.param(png_bytes(draw_digit(5), format="WEBP")[:200], "image/webp", id="webp-truncated"),
     pytest.param(b"\x89PNG\r\n\x1a\n", "image/png", id="png-signature-only"),
     pytest.param(b"GIF89a" + b"\xff" * 20, "image/gif", id="gif-header-garbage"),
 ])
@@ -118,7 +109,7 @@ def animation(format: str, first: int, second: int) -> bytes:
     frames = [draw_digit(first), draw_digit(second)]
     if format == "GIF":
         frames = [frame.convert("P") for frame in frames]
-    return encoded(frames[0], format, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    return png_bytes(frames[0], format=format, save_all=True, append_images=frames[1:], duration=200, loop=0)
 
 
 @pytest.mark.parametrize("format", ["GIF", "PNG"], ids=["animated-gif", "apng"])
@@ -139,7 +130,7 @@ def test_16_bit_greyscale_png_is_read(gateway):
 
 
 def test_cmyk_jpeg_is_read(gateway):
-    data = encoded(draw_digit(3).convert("CMYK"), "JPEG", quality=95)
+    data = png_bytes(draw_digit(3).convert("CMYK"), format="JPEG", quality=95)
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
     assert digit_of(predict_raw(gateway, data, "image/jpeg")) == 3
 
@@ -149,7 +140,7 @@ def test_palette_png_with_a_transparent_background_is_composited_over_white(gate
     ink = np.asarray(draw_digit(6).convert("L")) < 128
     image = Image.fromarray(ink.astype(np.uint8), mode="P")
     image.putpalette([0, 0, 0, 0, 0, 0])  # both entries black; only the transparency tells them apart
-    data = encoded(image, "PNG", transparency=0)
+    data = png_bytes(image, format="PNG", transparency=0)
     opened = Image.open(io.BytesIO(data))
     assert opened.mode == "P" and opened.info["transparency"] == 0
     assert digit_of(predict_raw(gateway, data)) == 6
@@ -160,14 +151,14 @@ def test_palette_png_with_partly_transparent_entries(gateway):
     ink = np.asarray(draw_digit(9).convert("L")) < 128
     image = Image.fromarray(np.where(ink, 1, 0).astype(np.uint8), mode="P")
     image.putpalette([40, 40, 40, 20, 20, 20])
-    data = encoded(image, "PNG", transparency=bytes([0, 255]))
+    data = png_bytes(image, format="PNG", transparency=bytes([0, 255]))
     assert digit_of(predict_raw(gateway, data)) == 9
 
 
 # --- images: too big ----------------------------------------------------------------------------
 
 def blank_png(width: int, height: int, mode: str = "1") -> bytes:
-    return encoded(Image.new(mode, (width, height), 0), "PNG", optimize=True)
+    return png_bytes(Image.new(mode, (width, height), 0), format="PNG", optimize=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import predict
 from drawings import draw_digit, png_bytes
 from PIL import Image
 
 from serving.preprocess import decode_image, preprocess_drawing
-
-
-def predict(gateway, **kwargs) -> requests.Response:
-    return requests.post(gateway.url + "/v1/digits/predict", timeout=30, **kwargs)
 
 
 def png_claiming(width: int, height: int) -> bytes:

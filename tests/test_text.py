@@ -42,8 +42,6 @@ def test_training_reports_validation_loss_in_nats_and_bits(trained_bard):
 
 
 def test_export_generates_in_a_fresh_process_through_the_session_loader(trained_bard):
-    from training.bard import generation_inputs
-
     first = saved_model_cli_run(trained_bard.version_dir, {"prompt": np.array([b"ROMEO:", b"O"]),
                                                            **generation_inputs(2, 25, top_k=5, seed=3)})
     assert first.returncode == 0, first.stderr[-2000:]
@@ -117,8 +115,6 @@ def test_streamed_chunks_join_into_the_one_call_text(gateway):
 def test_requests_batched_together_write_what_each_writes_alone(trained_bard):
     """TF Serving's batching merges requests: every row keeps its own parameters and seed."""
     import tensorflow as tf
-
-    from training.bard import generation_inputs
 
     generate = tf.saved_model.load(str(trained_bard.version_dir)).signatures["serving_default"]
 
@@ -246,8 +242,6 @@ def test_a_stream_outliving_its_version_continues_on_the_new_one(trained_bard, t
         gateway = live.app.extensions["scribe"]
         params = {"prompt": "ROMEO:", "max_chars": 40, "temperature": 0.8, "top_k": 0, "seed": 4}
         with live.app.test_request_context():
-            from training.bard import generation_inputs
-
             first, served = gateway.client.predict("bard", {
                 "prompt": np.array([b"ROMEO:"]), **generation_inputs(1, 10, seed=4)})
             assert served == 1
