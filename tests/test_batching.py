@@ -69,7 +69,7 @@ def test_signatures_with_a_batch_dimension_everywhere_are_batched(batching_serve
 def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
     release = threading.Event()
 
-    def slow_run(inputs):
+    def slow_run(inputs, _key):
         release.wait(10)
         return {"double": inputs["x"] * 2}
 
@@ -95,7 +95,7 @@ def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
 def test_allowed_batch_sizes_pad_and_every_caller_gets_its_rows():
     seen_sizes = []
 
-    def run(inputs):
+    def run(inputs, _key):
         seen_sizes.append(len(inputs["x"]))
         return {"y": inputs["x"] + 1}
 
@@ -107,7 +107,7 @@ def test_allowed_batch_sizes_pad_and_every_caller_gets_its_rows():
 
 
 def test_errors_reach_every_waiting_caller_and_stop_never_strands_one():
-    def broken(inputs):
+    def broken(inputs, _key):
         raise ValueError("model failed")
 
     batcher = DynamicBatcher(broken, {"max_batch_size": 4, "batch_timeout_micros": 1000})
@@ -116,3 +116,42 @@ def test_errors_reach_every_waiting_caller_and_stop_never_strands_one():
     batcher.stop()
     with pytest.raises(ValueError):  # after stop, requests still get an answer (run directly)
         batcher.submit({"x": np.array([1])})
+
+
+def test_requests_run_on_their_callers_threads_and_only_share_with_their_own_key():
+    running, release = threading.Event(), threading.Event()
+    runs = []
+
+    def run(inputs, key):
+        runs.append((key, threading.current_thread().name, inputs["x"].ravel().tolist()))
+        if inputs["x"].ravel().tolist() == [0]:
+            running.set()
+            release.wait(10)
+        return {"y": inputs["x"] * 10}
+
+    batcher = DynamicBatcher(run, {"max_batch_size": 8, "batch_timeout_micros": 0, "num_batch_threads": 1})
+    names_before = {t.name for t in threading.enumerate()}
+    answers = {}
+
+    def caller(i, key, x):
+        answers[i] = batcher.submit({"x": x}, key=key)["y"].tolist()
+
+    # While key "a" runs [0], another [1] and [3] of key "a" wait and then share one run; key
+    # "b" and a request of another shape do not wait for "a".
+    submits = [("a", np.array([0])), ("a", np.array([1])), ("b", np.array([2])), ("a", np.array([3])),
+               ("a", np.array([[4, 4]]))]
+    threads = [threading.Thread(target=caller, args=(i, *submit), name=f"caller-{i}")
+               for i, submit in enumerate(submits)]
+    threads[0].start()
+    assert running.wait(10)
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.3)
+    assert {t.name for t in threading.enumerate()} - names_before <= {t.name for t in threads}
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert answers == {0: [0], 1: [10], 2: [20], 3: [30], 4: [[40, 40]]}
+    assert sorted((key, values) for key, _, values in runs) == [
+        ("a", [0]), ("a", [1, 3]), ("a", [4, 4]), ("b", [2])]
+    assert all(name.startswith("caller-") for _, name, _ in runs)  # every run on a caller's thread

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                         help="threads per TensorFlow op; 0: TensorFlow's default")
     parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
-                        help="threads running independent ops; 0: TensorFlow's default")
+                        help="threads running independent ops; 0: TensorFlow's default; -1: each "
+                             "run on its caller's thread")
     parser.add_argument("--enable_batching", type=_bool, default=False)
     parser.add_argument("--batching_parameters_file",
                         help="BatchingParameters text file (with --enable_batching)")

@@ -67,7 +67,7 @@ class Servable:
             if all(not t.tensor_shape.unknown_rank and t.tensor_shape.dim
                    and t.tensor_shape.dim[0].size == -1 for t in tensors):
                 self.batchers[name] = DynamicBatcher(
-                    lambda inputs, name=name: self._run(name, inputs), parameters,
+                    lambda inputs, _key, name=name: self._run(name, inputs), parameters,
                     f"batch-{self.name}-{self.version}")
 
     def close(self) -> None:
@@ -183,7 +183,7 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
                     request = entry.predict_log.request
                     servable.predict(request.model_spec.signature_name,
                                      {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
-    except BaseException:  # a failed warmup fails the load: leave no batch threads or session behind
+    except BaseException:  # a failed warmup fails the load: leave no session behind
         servable.close()
         servable.session.close()
         raise
