@@ -19,8 +19,15 @@ class Settings:
     model_dir: str = str(ROOT / "models")  # local folder for the config's /models base paths
     poll_seconds: float = 1.0  # embedded server: how often to look for new versions
     intra_op_threads: int = 1  # embedded server: TensorFlow threads per op (0: TF's default)
+    # embedded server: TensorFlow's inter-op threads; -1 runs each model call on the thread that
+    # makes it, with no hand-off to a pool (0: TF's default pool)
+    inter_op_threads: int = -1
     batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
+    # Digit Predict calls running at once per gateway process (and model pin); requests arriving
+    # meanwhile share the next call, up to max_images rows (serving/coalescing.py). 0: one call
+    # per request.
+    coalesce_calls: int = 1
     # Generations in flight per gateway process; more are turned away at once (429). Half of
     # gunicorn's 16 threads: a flood of generations leaves threads for digits, /readyz and
     # /metrics, and 8 at a time (up to ~1 s each for 2,000 characters on the cpu model, batched

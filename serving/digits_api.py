@@ -26,8 +26,7 @@ def predict():
     timer = current_app.extensions["model_call_seconds"]
     started = time.perf_counter()
     try:
-        outputs, served = gateway.client.predict(settings.digits_model, {"image": images},
-                                                 version=version, label=label)
+        outputs, served = call_model(gateway, images, version, label)
     except grpc.RpcError as error:
         timer.labels(settings.digits_model, error.code().name).observe(time.perf_counter() - started)
         raise errors.from_grpc(error, settings.digits_model, pinned=bool(version or label)) from None
@@ -37,6 +36,16 @@ def predict():
         {"digit": int(digit), "confidence": round(float(p[digit]), 6),
          "probabilities": [round(float(x), 6) for x in p]}
         for digit, p in zip(outputs["digit"], probabilities, strict=True)])
+
+
+def call_model(gateway, images: np.ndarray, version: int | None,
+               label: str | None) -> tuple[dict[str, np.ndarray], int]:
+    """Predict, in a call shared with concurrent requests of the same pin when coalescing is on."""
+    if gateway.digit_calls is None:
+        return gateway.client.predict(gateway.settings.digits_model, {"image": images},
+                                      version=version, label=label)
+    outputs = gateway.digit_calls.submit({"image": images}, key=(version, label))
+    return outputs, int(outputs.pop("version")[0])
 
 
 def read_images(max_images: int, max_pixels: int) -> np.ndarray:

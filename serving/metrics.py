@@ -22,6 +22,9 @@ def install_metrics(app: Flask) -> CollectorRegistry:
     app.extensions["model_call_seconds"] = Histogram(
         "scribe_model_call_seconds", "gRPC calls to the model server", ["model", "outcome"],
         buckets=LATENCY_BUCKETS, registry=registry)
+    app.extensions["requests_per_model_call"] = Histogram(
+        "scribe_requests_per_model_call", "digit requests carried by each Predict call (coalescing)",
+        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=registry)
 
     app.extensions["generation_chunks"] = Counter(
         "scribe_generation_chunks_total", "text chunks generated for streams", registry=registry)

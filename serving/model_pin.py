@@ -11,6 +11,8 @@ MAX_VERSION = 2**63 - 1  # TF Serving versions are int64
 
 def read_pin() -> tuple[int | None, str | None]:
     """Optional model pinning from the query string or the JSON body: version or label."""
+    if not request.query_string and request.mimetype != "application/json":
+        return None, None  # nothing to read: skip parsing the query string on the hot path
     body = request.get_json(silent=True) if request.mimetype == "application/json" else None
     source = body if isinstance(body, dict) else {}
     version = request.args.get("version", source.get("version"))

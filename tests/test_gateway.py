@@ -2,7 +2,9 @@
 
 import base64
 import struct
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,44 @@ def test_clearly_drawn_digits_are_recognised(gateway, digit):
     assert len(prediction["probabilities"]) == 10
     assert prediction["confidence"] == max(prediction["probabilities"])
     assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_concurrent_requests_share_predict_calls_and_each_gets_its_own_digits(gateway):
+    calls = gateway.app.extensions["scribe"].digit_calls
+    calls_before, requests_before = calls.batches_run, calls.requests_run
+    # 30 requests of one to three drawings each, sent at once: each answer must be its own.
+    wanted = [[(i + k) % 10 for k in range(1 + i % 3)] for i in range(30)]
+    bodies = [[("image", (f"{d}.png", png_bytes(draw_digit(d)), "image/png")) for d in ds] for ds in wanted]
+    start = threading.Barrier(len(bodies))
+
+    def send(files):
+        start.wait()
+        return predict(gateway, files=files)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(send, bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    assert [[p["digit"] for p in r.json()["predictions"]] for r in responses] == wanted
+    assert all(r.json()["model"]["version"] == 1 for r in responses)
+    assert calls.requests_run - requests_before == len(bodies)
+    assert calls.batches_run - calls_before < len(bodies)  # some requests shared a call
+    metrics = requests.get(gateway.url + "/metrics", timeout=10).text
+    assert "scribe_requests_per_model_call_count" in metrics
+
+
+def test_pinned_and_unpinned_requests_never_share_a_call(gateway):
+    body = png_bytes(draw_digit(4))
+    start = threading.Barrier(12)
+
+    def send(i):
+        start.wait()
+        params = {"version": 1} if i % 2 else {}
+        return predict(gateway, params=params, data=body, headers={"Content-Type": "image/png"})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(send, range(12)))
+    assert [r.json()["predictions"][0]["digit"] for r in responses] == [4] * 12
+    assert [r.json()["model"]["version"] for r in responses] == [1] * 12
 
 
 def test_several_images_in_one_multipart_request(gateway):
