@@ -2,7 +2,8 @@
 
 For concurrency 1, 4, 16 and 64, a 280x280 PNG drawing as the body, requests per second and
 p50/p90/p99 latency for:
-  a. the Scribe gateway under gunicorn with the embedded model server, batching on and off;
+  a. the Scribe gateway under gunicorn with the embedded model server, batching on and off, and
+     with the gateway's coalescing of concurrent requests into shared Predict calls off;
   b. the tutorial baseline: Flask calling Keras `model.predict` per request (same model);
   c. the floor: the same stack decoding and preprocessing the image, answering without a model.
 Also the gateway's cold start (process start to /readyz 200, or to digits answering) and the
@@ -173,6 +174,8 @@ def main() -> int:
         ("scribe, batching on", [sys.executable, "-m", "serving"], gateway_env),
         ("scribe, batching off", [sys.executable, "-m", "serving"],
          {**gateway_env, "SCRIBE_BATCHING_CONFIG": ""}),
+        ("scribe, coalescing off", [sys.executable, "-m", "serving"],
+         {**gateway_env, "SCRIBE_COALESCE_CALLS": "0"}),
         ("keras predict baseline", gunicorn("bench.baseline_keras_app:create_app()", 0),
          {"SCRIBE_BENCH_MODEL": str(versions[-1].parent), "TF_CPP_MIN_LOG_LEVEL": "2"}),
         ("floor (no model)", gunicorn("bench.floor_app:create_app()", 0), {}),
