@@ -43,15 +43,17 @@ def main() -> int:
     from serving.config import Settings
     from serving.model_client import ModelClient
     from serving.model_server import start_model_server
+    from training.bard import generation_inputs
+    from training.pipeline import baseline_path
 
     # The embedded model server with the gateway's thread settings, dynamic batching off.
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(args.model_base)},
                                 grpc_port=0, host="127.0.0.1",
-                                intra_op_threads=Settings().intra_op_threads)
+                                intra_op_threads=Settings().intra_op_threads,
+                                inter_op_threads=Settings().inter_op_threads)
     server.manager.wait_until_available(["bard"], timeout=120)
     client = ModelClient(f"127.0.0.1:{server.grpc_port}", timeout=300)
-    params = {"temperature": np.array([0.8], np.float32), "top_k": np.array([0], np.int32),
-              "seed": np.array([1], np.int64)}
+    params = {k: v for k, v in generation_inputs(1, 1, seed=1).items() if k != "max_chars"}
     prompt = np.array([b"ROMEO:"])
 
     def in_graph(chars: int = args.chars) -> tuple[float, str]:
@@ -74,7 +76,7 @@ def main() -> int:
 
     import tensorflow as tf
 
-    version_dir = sorted((args.model_base / "bard").glob("[0-9]*"), key=lambda p: int(p.name))[-1]
+    version_dir = baseline_path(args.model_base / "bard")
     generate_here = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
 
     def compute_floor(chars: int = args.chars) -> tuple[float, str]:

@@ -25,8 +25,8 @@ class Settings:
     batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
     # Digit Predict calls running at once per gateway process (and model pin); requests arriving
-    # meanwhile share the next call, up to max_images rows (serving/coalescing.py). 0: one call
-    # per request.
+    # meanwhile share the next call, up to max_images rows (model_server/batching.py). 0: one
+    # call per request.
     coalesce_calls: int = 1
     # Generations in flight per gateway process; more are turned away at once (429). Half of
     # gunicorn's 16 threads: a flood of generations leaves threads for digits, /readyz and

@@ -18,6 +18,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 SONNETS = Path(__file__).resolve().parent / "data" / "sonnets.txt"
+# A models.config that serves digits only (so /readyz needs no bard); %s: more of its fields.
+DIGITS_CONFIG = 'model_config_list { config { name: "digits" base_path: "/models/digits" %s } }'
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

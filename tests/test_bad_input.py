@@ -27,8 +27,8 @@ def predict_raw(gateway, data: bytes, content_type: str = "image/png") -> reques
     return predict(gateway, data=data, headers={"Content-Type": content_type})
 
 
-def generate_raw(gateway, body: bytes) -> requests.Response:
-    return requests.post(gateway.url + "/v1/text/generate", data=body, timeout=60,
+def generate_raw(gateway, body: bytes, path: str = "/v1/text/generate") -> requests.Response:
+    return requests.post(gateway.url + path, data=body, timeout=60,
                          headers={"Content-Type": "application/json"})
 
 
@@ -267,9 +267,7 @@ def test_lone_surrogate_in_a_version_label_is_400_not_a_crash(gateway):
     pixels = json.dumps([[0.0] * 28] * 28).encode()
     for url in ("/v1/text/generate", "/v1/digits/predict"):
         body = b'{"prompt": "A", "pixels": ' + pixels + b', "label": "\\ud800"}'
-        response = requests.post(gateway.url + url, data=body, timeout=30,
-                                 headers={"Content-Type": "application/json"})
-        assert_error(response, 400, "bad_request")
+        assert_error(generate_raw(gateway, body, url), 400, "bad_request")
 
 
 # --- JSON itself --------------------------------------------------------------------------------
@@ -278,9 +276,7 @@ def test_lone_surrogate_in_a_version_label_is_400_not_a_crash(gateway):
 def test_json_nested_too_deeply_to_parse_is_400(gateway, url):
     """Python's parser gives up on 100,000 nested arrays with a RecursionError, not a ValueError."""
     body = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    response = requests.post(gateway.url + url, data=body, timeout=30,
-                             headers={"Content-Type": "application/json"})
-    assert_error(response, 400, "bad_request")
+    assert_error(generate_raw(gateway, body, url), 400, "bad_request")
 
 
 def test_pixels_with_a_number_too_big_for_a_float_are_422(gateway):

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 
 import requests
-from conftest import ROOT, LiveGateway, copy_model_base, free_port
+from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base, free_port
 from drawings import draw_digit, png_bytes
 from reliability import record, rss_mb
 
@@ -28,8 +28,6 @@ MARGIN = 5.0  # a failure may take the deadline plus this (a shared, noisy machi
 DOWN_SECONDS = 8.0  # dead this long after /readyz noticed: gRPC's default backoff would reach 10 s+
 RECOVERY_BOUND = 120.0  # restart -> first 200: process start, TensorFlow import, model load
 RECONNECT_BOUND = 5.0  # port bound -> gateway connected; model loaded -> first 200 through it
-CONFIG = ('model_config_list { config { name: "digits" base_path: "/models/digits" '
-          'model_platform: "tensorflow" } }')
 
 
 class ModelServerProcess:
@@ -91,7 +89,7 @@ def wait_for_readyz(url: str, status: int, timeout: float) -> tuple[float, float
 def test_killed_model_server_gives_clean_errors_and_the_gateway_recovers_by_itself(trained, tmp_path):
     base = copy_model_base(trained, tmp_path / "models")
     config = tmp_path / "models.config"
-    config.write_text(CONFIG)  # digits only: /readyz waits for every configured model
+    config.write_text(DIGITS_CONFIG % 'model_platform: "tensorflow"')  # /readyz waits for every model
     port = free_port()
     server = ModelServerProcess(port, config, base)
     server.start()

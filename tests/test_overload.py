@@ -110,9 +110,9 @@ def generate(server: Gunicorn, seed: int, max_chars: int = 500) -> tuple[request
     return response, time.perf_counter() - started
 
 
-def burst(server: Gunicorn, count: int) -> list[tuple[requests.Response, float]]:
+def burst(server: Gunicorn, count: int, max_chars: int = 500) -> list[tuple[requests.Response, float]]:
     with ThreadPoolExecutor(count) as pool:
-        return list(pool.map(lambda seed: generate(server, seed), range(count)))
+        return list(pool.map(lambda seed: generate(server, seed, max_chars), range(count)))
 
 
 def open_stream(server: Gunicorn, max_chars: int) -> socket.socket:
@@ -168,8 +168,7 @@ def test_a_burst_over_the_bound_gets_429_at_once_and_admitted_generations_finish
 def test_full_capacity_comes_back_after_a_burst(server):
     burst(server, 24)
     server.wait_until_idle()
-    with ThreadPoolExecutor(MAX_GENERATIONS) as pool:
-        results = list(pool.map(lambda seed: generate(server, seed, max_chars=50), range(MAX_GENERATIONS)))
+    results = burst(server, MAX_GENERATIONS, max_chars=50)
     assert [response.status_code for response, _ in results] == [200] * MAX_GENERATIONS
 
 
@@ -185,8 +184,7 @@ def test_a_stream_holds_its_slot_until_the_client_goes_away(server):
         stream.close()
     released = server.wait_until_idle(timeout=10)
 
-    with ThreadPoolExecutor(MAX_GENERATIONS) as pool:
-        results = list(pool.map(lambda seed: generate(server, seed, max_chars=50), range(MAX_GENERATIONS)))
+    results = burst(server, MAX_GENERATIONS, max_chars=50)
     assert [response.status_code for response, _ in results] == [200] * MAX_GENERATIONS
     record("abandoned_streams", streams=len(streams), max_generations=MAX_GENERATIONS,
            slots_back_after_ms=round(released * 1000), capacity_after=MAX_GENERATIONS)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import DIGITS_CONFIG, ROOT
 from reliability import record
 
 from training.push import HIGH_WATER, STAGING_PREFIX, push_version, pushed_versions
@@ -130,8 +130,7 @@ def test_trainer_killed_during_export_verify_and_push_never_shows_a_partial_vers
     base, runs = tmp_path / "models", tmp_path / "runs"
     model_dir = base / "digits"
     config = tmp_path / "models.config"
-    config.write_text('model_config_list { config { name: "digits" base_path: "/models/digits" '
-                      'model_version_policy { all {} } } }')
+    config.write_text(DIGITS_CONFIG % "model_version_policy { all {} }")
     # A model server watching all along: it loads every version the moment it becomes visible,
     # so a partial one would fail to load and show up in its status.
     server = ServableManager(read_model_config(config), {"/models": str(base)}, poll_seconds=0.05)

@@ -7,9 +7,10 @@ origin, `any_origin` allows every origin.
 
 import logging
 
+import conftest
 import pytest
 import requests
-from conftest import LiveGateway, copy_model_base
+from conftest import DIGITS_CONFIG, LiveGateway, copy_model_base
 from drawings import draw_digit, png_bytes
 
 from serving.config import Settings
@@ -18,10 +19,6 @@ from serving.security import read_api_keys
 KEYS = ("k1-alpha-3f9c", "k2-bravo-81d0")
 FILE_KEY = "k3-from-secret-file-77aa"
 ORIGIN = "https://draw.example.org"
-DIGITS_ONLY = """model_config_list {
-  config { name: "digits" base_path: "/models/digits" model_platform: "tensorflow" }
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def open_gateway(trained, tmp_path_factory):
     """The defaults: no API keys, no CORS. Its embedded model server serves the other gateways too."""
     folder = tmp_path_factory.mktemp("security")
     config = folder / "models.config"
-    config.write_text(DIGITS_ONLY)
+    config.write_text(DIGITS_CONFIG % 'model_platform: "tensorflow"')
     live = LiveGateway(copy_model_base(trained, folder / "models"), model_config=str(config))
     live.wait_for_model("digits")
     yield live
@@ -61,9 +58,8 @@ def any_origin(open_gateway):
 
 
 def predict(gateway: LiveGateway, digit: int = 3, **headers) -> requests.Response:
-    image = png_bytes(draw_digit(digit))
-    return requests.post(gateway.url + "/v1/digits/predict", headers=headers, timeout=30,
-                         files={"image": ("d.png", image, "image/png")})
+    return conftest.predict(gateway, headers=headers,
+                            files={"image": ("d.png", png_bytes(draw_digit(digit)), "image/png")})
 
 
 def preflight(gateway: LiveGateway, origin: str, path: str = "/v1/digits/predict") -> requests.Response:

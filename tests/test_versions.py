@@ -4,18 +4,16 @@ import logging
 import shutil
 
 import pytest
-from conftest import copy_model_base
+from conftest import DIGITS_CONFIG, copy_model_base
 from reliability import record
 
 from serving.model_server import read_model_config
 from serving.model_server.servables import AVAILABLE, END, ServableManager, ServingError
 
-CONFIG = 'model_config_list { config { name: "digits" base_path: "/models/digits" %s } }'
-
 
 def manager_for(base, tmp_path, policy: str = "", labels: str = "") -> ServableManager:
     path = tmp_path / "models.config"
-    path.write_text(CONFIG % (policy + labels))
+    path.write_text(DIGITS_CONFIG % (policy + labels))
     return ServableManager(read_model_config(path), {"/models": str(base)})
 
 

@@ -24,6 +24,7 @@ from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
 )
 
 from serving.model_server.batching import DynamicBatcher, QueueFull
+from serving.tensor_protos import from_proto
 
 log = logging.getLogger("scribe.model_server")
 
@@ -182,7 +183,7 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
                 if entry.WhichOneof("log_type") == "predict_log":
                     request = entry.predict_log.request
                     servable.predict(request.model_spec.signature_name,
-                                     {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+                                     {k: from_proto(v) for k, v in request.inputs.items()})
     except BaseException:  # a failed warmup fails the load: leave no session behind
         servable.close()
         servable.session.close()
