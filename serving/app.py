@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from serving.config import Settings
 from serving.errors import RETRY_AFTER_SECONDS, register_error_handlers
@@ -121,8 +122,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         """A chunked body has no Content-Length to refuse up front, and werkzeug quietly cuts it at
         the limit: read it here (the handlers get it cached) and refuse it if there is more."""
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
-            request.get_data()
-            request.stream.read(1)  # past the limit, werkzeug's limited stream raises 413
+            # At the limit, werkzeug's limited stream refuses any further read, even one that
+            # would find the body's end: look one byte past it on the server's own stream.
+            if len(request.get_data()) >= settings.max_body_bytes and request.environ["wsgi.input"].read(1):
+                raise RequestEntityTooLarge()
 
     openapi = OPENAPI.read_bytes()
 

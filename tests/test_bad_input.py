@@ -202,6 +202,21 @@ def test_enormous_chunked_body_without_a_length_is_413(gateway):
     assert_error(response, 413, "request_entity_too_large")
 
 
+
+def test_a_chunked_body_of_exactly_the_limit_is_read_whole(gateway):
+    """A drawing padded after its PNG end to exactly the limit is served; one byte more is 413."""
+    png = png_bytes(draw_digit(3))
+    padded = png + b"\0" * (gateway.settings.max_body_bytes - len(png))
+
+    def chunked(body: bytes):
+        yield from (body[i:i + 65536] for i in range(0, len(body), 65536))
+
+    response = predict(gateway, data=chunked(padded), headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["digit"] == 3
+    assert_error(predict(gateway, data=chunked(padded + b"\0"), headers={"Content-Type": "image/png"}),
+                 413, "request_entity_too_large")
+
 # --- text ---------------------------------------------------------------------------------------
 
 def test_a_huge_prompt_is_413_at_once(gateway):
