@@ -84,6 +84,14 @@ class StalledClientLog(logging.Filter):
         return True
 
 
+def close_gateway(_arbiter, worker) -> None:
+    """A worker that stops closes its gateway: its embedded model server stops and removes the
+    private socket folder it made under TMPDIR."""
+    app = getattr(worker, "wsgi", None)  # None when the worker failed before loading the app
+    if app is not None:
+        app.extensions["scribe"].close()
+
+
 class GatewayServer(BaseApplication):
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -98,6 +106,7 @@ class GatewayServer(BaseApplication):
         self.cfg.set("timeout", 120)  # loading TensorFlow and the models takes a while
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
+        self.cfg.set("worker_exit", close_gateway)
 
     def load(self):
         from serving.app import create_app  # in the worker: TensorFlow is never forked

@@ -81,7 +81,9 @@ def start_gunicorn(folder: Path) -> Gunicorn:
     env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS="1",
                SCRIBE_THREADS=str(THREADS), SCRIBE_MAX_GENERATIONS=str(MAX_GENERATIONS),
                SCRIBE_CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
-               SCRIBE_STREAM_CHUNK_CHARS="1")  # one model call per character: streams last seconds
+               SCRIBE_STREAM_CHUNK_CHARS="1",  # one model call per character: streams last seconds
+               TMPDIR=str(folder / "tmp"))  # where each worker makes its model server's socket folder
+    (folder / "tmp").mkdir(exist_ok=True)
     log = folder / "gunicorn.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
@@ -247,3 +249,16 @@ def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
            client_timeout_s=CLIENT_TIMEOUT, other_request_served_s=round(served_after, 2),
            first_closed_s=round(min(s for s, _ in closes), 2),
            last_closed_s=round(max(s for s, _ in closes), 2))
+
+
+def test_a_stopped_gateway_leaves_nothing_in_tmp(trained, trained_bard, tmp_path):
+    """Each worker's embedded model server listens on a socket in a private folder under TMPDIR;
+    when gunicorn stops, the workers stop their servers and remove the folders."""
+    copy_model_base(trained, tmp_path / "models")
+    copy_model_base(trained_bard, tmp_path / "models")
+    live = start_gunicorn(tmp_path)
+    [socket_folder] = (tmp_path / "tmp").iterdir()
+    assert (socket_folder / "model-server.sock").is_socket()
+    live.stop()
+    assert live.process.returncode == 0, live.log.read_text()[-3000:]
+    assert list((tmp_path / "tmp").iterdir()) == []
