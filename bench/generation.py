@@ -6,7 +6,8 @@ Measured in the same run, medians over --repeats interleaved rounds:
   - the usual way with a stateless server: a loop that calls a one-character step per request,
     passing the state back each time (the same SavedModel's `continue` signature, max_chars=1);
     both through the same gRPC path to the embedded model server;
-  - the compute floor: the same SavedModel's generation called in-process, no serving at all;
+  - the compute floor: the same SavedModel's generation in-process, in the session the model
+    server runs (TF Serving's loader, the same thread settings), called directly: no serving;
   - the gateway over HTTP (`python -m serving`, a `stream: true` request): what a user sees.
 
     python bench/generation.py [--model-base models] [--chars 500] [--repeats 7]
@@ -43,6 +44,7 @@ def main() -> int:
     from serving.config import Settings
     from serving.model_client import ModelClient
     from serving.model_server import start_model_server
+    from serving.model_server.servables import load_session, read_signature_defs
     from training.bard import generation_inputs
     from training.pipeline import baseline_path
 
@@ -74,16 +76,19 @@ def main() -> int:
             text.append(out["text"][0].decode())
         return time.perf_counter() - started, "".join(text)
 
-    import tensorflow as tf
-
+    # The floor: the session the model server runs (the same loader and thread settings, set in
+    # this process by start_model_server), called directly: the generation without any serving.
     version_dir = baseline_path(args.model_base / "bard")
-    generate_here = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    session = load_session(version_dir)
+    signature = read_signature_defs(version_dir)["serving_default"]
+    feeds = {key: tensor.name for key, tensor in signature.inputs.items()}
 
     def compute_floor(chars: int = args.chars) -> tuple[float, str]:
         started = time.perf_counter()
-        out = generate_here(prompt=tf.constant(prompt), max_chars=tf.constant([chars], tf.int32),
-                            **{k: tf.constant(v) for k, v in params.items()})
-        return time.perf_counter() - started, out["text"].numpy()[0].decode()
+        text = session.run(signature.outputs["text"].name, {
+            feeds["prompt"]: prompt, feeds["max_chars"]: np.array([chars], np.int32),
+            **{feeds[key]: value for key, value in params.items()}})
+        return time.perf_counter() - started, text[0].decode()
 
     chunk = Settings().stream_chunk_chars
     for warm in (in_graph, step_loop, compute_floor):

@@ -6,10 +6,14 @@ p50/p90/p99 latency for:
      with the gateway's coalescing of concurrent requests into shared Predict calls off;
   b. the tutorial baseline: Flask calling Keras `model.predict` per request (same model);
   c. the floor: the same stack decoding and preprocessing the image, answering without a model.
-Also the gateway's cold start (process start to /readyz 200, or to digits answering) and the
-peak memory (RSS of the whole gunicorn process tree) at 64 concurrent clients.
+Also the gateway's cold start (process start to /readyz 200) and the peak memory (RSS of the
+whole gunicorn process tree) at 64 concurrent clients.
 
-    python bench/http_digits.py [--model-base models] [--seconds 8]
+All the servers run side by side for the whole benchmark and are measured in --rounds
+interleaved rounds, each in a different order. Every figure is the median of its rounds, and
+each ratio the median of the ratios within each round.
+
+    python bench/http_digits.py [--model-base models] [--seconds 3] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,7 +160,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-base", type=Path, default=ROOT / "models")
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http_digits.json")
     args = parser.parse_args()
     versions = sorted((args.model_base / "digits").glob("[0-9]*/saved_model.pb"))
@@ -180,30 +186,46 @@ def main() -> int:
          {"SCRIBE_BENCH_MODEL": str(versions[-1].parent), "TF_CPP_MIN_LOG_LEVEL": "2"}),
         ("floor (no model)", gunicorn("bench.floor_app:create_app()", 0), {}),
     ]
-    results = {"benchmark": "http_digits", "seconds_per_point": args.seconds, "servers": {}}
-    for name, command, env in setups:
-        port = free_port()
-        if command[0] == sys.executable:
-            env = {**env, "PORT": str(port)}
-        else:
-            command = [c if not c.startswith("127.0.0.1:") else f"127.0.0.1:{port}" for c in command]
-        server = Server(name, command, env, port)
-        try:
-            ready = server.wait_until_answering(body)
+    results = {"benchmark": "http_digits", "seconds_per_point": args.seconds, "rounds": args.rounds,
+               "servers": {}}
+    # Every server runs for the whole benchmark, and the rounds interleave them (each round in a
+    # different order): a busy spell on this shared machine then hits every server alike, and
+    # each figure is the median of its rounds.
+    servers = []
+    try:
+        for name, command, env in setups:
+            port = free_port()
+            if command[0] == sys.executable:
+                env = {**env, "PORT": str(port)}
+            else:
+                command = [c if not c.startswith("127.0.0.1:") else f"127.0.0.1:{port}" for c in command]
+            servers.append(Server(name, command, env, port))
+        for server in servers:
+            server.wait_until_answering(body)
             wrk(server.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
-            points, peak = {}, 0.0
+        rounds = {server.name: {c: [] for c in CONCURRENCY} for server in servers}
+        peaks = {server.name: 0.0 for server in servers}
+        for r in range(args.rounds):
+            order = servers[r % len(servers):] + servers[:r % len(servers)]
             for connections in CONCURRENCY:
-                with PeakMemory(server.process.pid) as memory:
-                    point = wrk(server.url + "/v1/digits/predict", connections, args.seconds, body_file)
-                peak = max(peak, memory.peak)
-                points[connections] = point
-                print(f"{name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
-                      f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
-                      f"errors {point['errors'] + point['non2xx']}", flush=True)
-            results["servers"][name] = {"seconds_to_first_answer": round(ready, 2),
-                                        "peak_rss_mb": round(peak, 1), "points": points}
-        finally:
+                for server in order:
+                    with PeakMemory(server.process.pid) as memory:
+                        point = wrk(server.url + "/v1/digits/predict", connections, args.seconds, body_file)
+                    if connections == CONCURRENCY[-1]:
+                        peaks[server.name] = max(peaks[server.name], memory.peak)
+                    rounds[server.name][connections].append(point)
+                    print(f"round {r + 1} {server.name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
+                          f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
+                          f"errors {point['errors'] + point['non2xx']}", flush=True)
+    finally:
+        for server in servers:
             server.stop()
+    for name, by_connections in rounds.items():
+        points = {c: {**{key: statistics.median(p[key] for p in runs)
+                         for key in ("rps", "p50_ms", "p90_ms", "p99_ms")},
+                      "errors": sum(p["errors"] + p["non2xx"] for p in runs), "rounds": runs}
+                  for c, runs in by_connections.items()}
+        results["servers"][name] = {"peak_rss_mb": round(peaks[name], 1), "points": points}
 
     # Cold start: process start to /readyz 200 (every configured model AVAILABLE).
     port = free_port()
@@ -217,11 +239,27 @@ def main() -> int:
     s = results["servers"]
     at16 = {name: s[name]["points"][16] for name in s}
     gateway = at16["scribe, batching on"]
-    results["ratios_at_16"] = {
-        "gateway_vs_keras_predict": round(gateway["rps"] / at16["keras predict baseline"]["rps"], 1),
-        "gateway_vs_floor": round(gateway["rps"] / at16["floor (no model)"]["rps"], 3),
+
+    def by_round(baseline: str) -> list[float]:
+        """The gateway's throughput over the baseline's in each round: pairs measured minutes
+        apart at most, so a slow spell of the machine weighs on both sides of each ratio."""
+        return [g["rps"] / b["rps"] for g, b in zip(gateway["rounds"], at16[baseline]["rounds"], strict=True)]
+
+    keras, floor = by_round("keras predict baseline"), by_round("floor (no model)")
+    results["ratios_at_16"] = {  # medians of the per-round ratios
+        "gateway_vs_keras_predict": round(statistics.median(keras), 1),
+        "gateway_vs_floor": round(statistics.median(floor), 3),
         "gateway_p99_ms": gateway["p99_ms"],
+        "gateway_vs_keras_predict_by_round": [round(r, 1) for r in keras],
+        "gateway_vs_floor_by_round": [round(r, 3) for r in floor],
     }
+    print(f"\nmedians of {args.rounds} rounds of {args.seconds:g} s")
+    print(f"{'server':24s} " + " ".join(f"{'c=' + str(c):>9s}" for c in CONCURRENCY)
+          + "   p50 / p99 at c=16   peak RSS at c=64")
+    for name, server in s.items():
+        at = server["points"]
+        print(f"{name:24s} " + " ".join(f"{at[c]['rps']:9.1f}" for c in CONCURRENCY)
+              + f"   {at[16]['p50_ms']:6.1f} / {at[16]['p99_ms']:6.1f} ms   {server['peak_rss_mb']:8.0f} MB")
     print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
