@@ -19,7 +19,7 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from serving.config import Settings
-from serving.errors import RETRY_AFTER_SECONDS, register_error_handlers
+from serving.errors import RETRY_AFTER_SECONDS, bad_request, register_error_handlers
 from serving.metrics import install_metrics
 from serving.model_client import ModelClient
 from serving.model_server import (
@@ -61,6 +61,14 @@ class Gateway:
 
 def gateway() -> Gateway:
     return current_app.extensions["scribe"]
+
+
+def past_the_limit(environ: dict) -> bool:
+    """Whether a body read up to the limit goes on: one byte more from the WSGI server's stream."""
+    try:
+        return bool(environ["wsgi.input"].read(1))
+    except (OSError, ValueError):  # the client went away halfway through a chunk
+        raise bad_request("the chunked body ended inside a chunk") from None
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -124,7 +132,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             # At the limit, werkzeug's limited stream refuses any further read, even one that
             # would find the body's end: look one byte past it on the server's own stream.
-            if len(request.get_data()) >= settings.max_body_bytes and request.environ["wsgi.input"].read(1):
+            if len(request.get_data()) >= settings.max_body_bytes and past_the_limit(request.environ):
                 raise RequestEntityTooLarge()
 
     openapi = OPENAPI.read_bytes()

@@ -202,7 +202,6 @@ def test_enormous_chunked_body_without_a_length_is_413(gateway):
     assert_error(response, 413, "request_entity_too_large")
 
 
-
 def test_a_chunked_body_of_exactly_the_limit_is_read_whole(gateway):
     """A drawing padded after its PNG end to exactly the limit is served; one byte more is 413."""
     png = png_bytes(draw_digit(3))
@@ -216,6 +215,7 @@ def test_a_chunked_body_of_exactly_the_limit_is_read_whole(gateway):
     assert response.json()["predictions"][0]["digit"] == 3
     assert_error(predict(gateway, data=chunked(padded + b"\0"), headers={"Content-Type": "image/png"}),
                  413, "request_entity_too_large")
+
 
 # --- text ---------------------------------------------------------------------------------------
 

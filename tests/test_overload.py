@@ -251,6 +251,27 @@ def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
            last_closed_s=round(max(s for s, _ in closes), 2))
 
 
+def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
+    """A chunked body that reaches the size limit inside a chunk that claims more, then ends:
+    the look past the limit finds the client gone, which is the client's fault, not a 500."""
+    from serving.config import Settings
+
+    limit = Settings().max_body_bytes  # the server runs with the default
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/digits/predict HTTP/1.1\r\nHost: scribe\r\nContent-Type: image/png\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1))
+    sock.sendall(b"\0" * limit)
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 400"), received[:300]
+    assert b'"code":"bad_request"' in received.replace(b" ", b""), received[-300:]
+    assert b"ended inside a chunk" in received, received[-300:]
+    response, _ = generate(server, seed=4, max_chars=20)
+    assert response.status_code == 200
+
 def test_a_stopped_gateway_leaves_nothing_in_tmp(trained, trained_bard, tmp_path):
     """Each worker's embedded model server listens on a socket in a private folder under TMPDIR;
     when gunicorn stops, the workers stop their servers and remove the folders."""
