@@ -4,10 +4,13 @@ environment (see serving/config.py and the README's configuration table)."""
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
@@ -92,6 +95,13 @@ def close_gateway(_arbiter, worker) -> None:
         app.extensions["scribe"].close()
 
 
+def remove_socket_folder(_arbiter, worker) -> None:
+    """In the arbiter, once a worker has gone however it went (killed, crashed, or stopped too
+    late for close_gateway to finish): remove what is left of its socket folder."""
+    for folder in Path(tempfile.gettempdir()).glob(f"scribe-{worker.pid}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class GatewayServer(BaseApplication):
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -107,6 +117,7 @@ class GatewayServer(BaseApplication):
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
         self.cfg.set("worker_exit", close_gateway)
+        self.cfg.set("child_exit", remove_socket_folder)
 
     def load(self):
         from serving.app import create_app  # in the worker: TensorFlow is never forked

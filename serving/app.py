@@ -8,6 +8,7 @@ socket, so the gateway always talks TF Serving's gRPC API.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +68,9 @@ def past_the_limit(environ: dict) -> bool:
     """Whether a body read up to the limit goes on: one byte more from the WSGI server's stream."""
     try:
         return bool(environ["wsgi.input"].read(1))
-    except (OSError, ValueError):  # the client went away halfway through a chunk
-        raise bad_request("the chunked body ended inside a chunk") from None
+    except Exception:  # noqa: BLE001 - the server's own errors: the client went away inside a
+        # chunk (OSError), or the end of the body is malformed (gunicorn's ParseException)
+        raise bad_request("the chunked body is incomplete or malformed after the size limit") from None
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -85,7 +87,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
         # A private Unix socket: gRPC over it costs less CPU per call than over loopback TCP
         # (the port stays open too, for tools and tests).
-        socket_path = Path(tempfile.mkdtemp(prefix="scribe-")) / "model-server.sock"
+        # Named after this process, so that gunicorn's arbiter can remove it even after a crash.
+        socket_path = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-")) / "model-server.sock"
         embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
                                       grpc_port=0, host="127.0.0.1",
                                       poll_seconds=settings.poll_seconds,

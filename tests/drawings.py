@@ -48,3 +48,15 @@ def png_bytes(image: Image.Image, **save_args) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=save_args.pop("format", "PNG"), **save_args)
     return buffer.getvalue()
+
+
+def padded_png(digit: int, size: int) -> bytes:
+    """A PNG drawing of `digit` padded with zeros to `size` bytes, after its end chunk (which
+    decoders ignore): a valid image body of an exact size."""
+    png = png_bytes(draw_digit(digit))
+    return png + b"\0" * (size - len(png))
+
+
+def chunked(body: bytes, size: int = 65536):
+    """`body` as a generator, which requests sends with Transfer-Encoding: chunked."""
+    yield from (body[i:i + size] for i in range(0, len(body), size))

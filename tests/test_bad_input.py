@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import predict
-from drawings import draw_digit, png_bytes
+from drawings import chunked, draw_digit, padded_png, png_bytes
 from PIL import Image
 
 
@@ -204,12 +204,7 @@ def test_enormous_chunked_body_without_a_length_is_413(gateway):
 
 def test_a_chunked_body_of_exactly_the_limit_is_read_whole(gateway):
     """A drawing padded after its PNG end to exactly the limit is served; one byte more is 413."""
-    png = png_bytes(draw_digit(3))
-    padded = png + b"\0" * (gateway.settings.max_body_bytes - len(png))
-
-    def chunked(body: bytes):
-        yield from (body[i:i + 65536] for i in range(0, len(body), 65536))
-
+    padded = padded_png(3, gateway.settings.max_body_bytes)
     response = predict(gateway, data=chunked(padded), headers={"Content-Type": "image/png"})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["digit"] == 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ROOT, copy_model_base, free_port
+from drawings import chunked, padded_png
 from reliability import record, rss_mb
 
 THREADS = 6
@@ -251,12 +253,25 @@ def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
            last_closed_s=round(max(s for s, _ in closes), 2))
 
 
+def test_a_chunked_body_of_exactly_the_limit_is_served(server):
+    """The same under gunicorn, whose chunked reader is the one production uses."""
+    from serving.config import Settings
+
+    body = padded_png(3, Settings().max_body_bytes)  # the server runs with the default limit
+    url, headers = server.url + "/v1/digits/predict", {"Content-Type": "image/png"}
+    response = requests.post(url, data=chunked(body), headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["digit"] == 3
+    response = requests.post(url, data=chunked(body + b"\0"), headers=headers, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_entity_too_large"
+
+
 def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
     """A chunked body that reaches the size limit inside a chunk that claims more, then ends:
     the look past the limit finds the client gone, which is the client's fault, not a 500."""
     from serving.config import Settings
 
-    limit = Settings().max_body_bytes  # the server runs with the default
+    limit = Settings().max_body_bytes
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(b"POST /v1/digits/predict HTTP/1.1\r\nHost: scribe\r\nContent-Type: image/png\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1))
@@ -268,18 +283,32 @@ def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
     sock.close()
     assert received.startswith(b"HTTP/1.1 400"), received[:300]
     assert b'"code":"bad_request"' in received.replace(b" ", b""), received[-300:]
-    assert b"ended inside a chunk" in received, received[-300:]
+    assert b"incomplete or malformed after the size limit" in received, received[-300:]
     response, _ = generate(server, seed=4, max_chars=20)
     assert response.status_code == 200
 
-def test_a_stopped_gateway_leaves_nothing_in_tmp(trained, trained_bard, tmp_path):
-    """Each worker's embedded model server listens on a socket in a private folder under TMPDIR;
-    when gunicorn stops, the workers stop their servers and remove the folders."""
+
+def test_no_socket_folder_outlives_its_worker(trained, trained_bard, tmp_path):
+    """Each worker's embedded model server listens on a socket in a folder of its own under
+    TMPDIR, named after the worker. A killed worker's folder is removed by the arbiter; on a
+    normal stop each worker stops its server and removes its folder."""
     copy_model_base(trained, tmp_path / "models")
     copy_model_base(trained_bard, tmp_path / "models")
     live = start_gunicorn(tmp_path)
-    [socket_folder] = (tmp_path / "tmp").iterdir()
-    assert (socket_folder / "model-server.sock").is_socket()
-    live.stop()
+    try:
+        [worker] = live.worker_pids()
+        [folder] = (tmp_path / "tmp").iterdir()
+        assert folder.name.startswith(f"scribe-{worker}-")
+        assert (folder / "model-server.sock").is_socket()
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while folder.exists():
+            assert time.monotonic() < deadline, "the killed worker's socket folder is still there"
+            time.sleep(0.1)
+        while requests.get(live.url + "/readyz", timeout=10).status_code != 200:  # its replacement
+            assert time.monotonic() < deadline + 120, "no worker came back"
+            time.sleep(0.3)
+    finally:
+        live.stop()
     assert live.process.returncode == 0, live.log.read_text()[-3000:]
     assert list((tmp_path / "tmp").iterdir()) == []
