@@ -6,8 +6,8 @@ Measured in the same run, medians over --repeats interleaved rounds:
   - the usual way with a stateless server: a loop that calls a one-character step per request,
     passing the state back each time (the same SavedModel's `continue` signature, max_chars=1);
     both through the same gRPC path to the embedded model server;
-  - the compute floor: the same SavedModel's generation in-process, in the session the model
-    server runs (TF Serving's loader, the same thread settings), called directly: no serving;
+  - the compute floor: the same SavedModel's generation in-process, in a session loaded as the
+    model server loads its own (TF Serving's loader, the same thread settings): no serving;
   - the gateway over HTTP (`python -m serving`, a `stream: true` request): what a user sees.
 
     python bench/generation.py [--model-base models] [--chars 500] [--repeats 7]
@@ -76,8 +76,8 @@ def main() -> int:
             text.append(out["text"][0].decode())
         return time.perf_counter() - started, "".join(text)
 
-    # The floor: the session the model server runs (the same loader and thread settings, set in
-    # this process by start_model_server), called directly: the generation without any serving.
+    # The floor: a session loaded as the model server loads its own (the same loader, and the
+    # thread settings start_model_server set in this process), called directly: no serving.
     version_dir = baseline_path(args.model_base / "bard")
     session = load_session(version_dir)
     signature = read_signature_defs(version_dir)["serving_default"]
@@ -110,6 +110,7 @@ def main() -> int:
     }
     client.close()
     server.stop()
+    session.close()
     http = gateway_stream(args.model_base, args.chars, args.repeats)
 
     graph_s = statistics.median(t for t, _ in graph_runs)

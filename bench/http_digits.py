@@ -144,11 +144,15 @@ class Server:
         return None
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
+        """Stop the server's whole process group; one that is already gone is fine."""
         try:
+            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(30)
+        except ProcessLookupError:
+            return
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 def gunicorn(app: str, port: int) -> list[str]:
@@ -164,6 +168,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http_digits.json")
     args = parser.parse_args()
+    if args.rounds < 1 or args.seconds < 1:
+        parser.error("--rounds and --seconds must be at least 1")
     versions = sorted((args.model_base / "digits").glob("[0-9]*/saved_model.pb"))
     if not versions:
         print(f"no digits version under {args.model_base}: run `make train` first", file=sys.stderr)

@@ -105,8 +105,15 @@ def test_uploading_a_png_shows_its_digit(page, tmp_path):
     page.screenshot(path=SHOTS / "04-upload.png")
 
 
-def test_generated_text_streams_into_the_page_and_equals_the_api_text(browser, one_character_events):
+@pytest.fixture
+def streaming_page(browser, one_character_events):
     page = open_page(browser, one_character_events.url)
+    yield page
+    page.close()
+
+
+def test_generated_text_streams_into_the_page_and_equals_the_api_text(streaming_page, one_character_events):
+    page = streaming_page
     page.evaluate("""() => {
         window.lengths = [];
         new MutationObserver(() => window.lengths.push(
@@ -126,7 +133,6 @@ def test_generated_text_streams_into_the_page_and_equals_the_api_text(browser, o
     growth = [n for n in page.evaluate("window.lengths") if n > 0]
     assert len(set(growth)) >= 3  # it grew over several events, not all at once
     page.screenshot(path=SHOTS / "05-generated.png")
-    page.close()
 
 
 def test_stop_cancels_a_generation(browser, trained, trained_bard, tmp_path):
