@@ -15,7 +15,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
-from serving.config import Settings
+from serving.config import Settings, socket_folder_prefix
 
 
 class ClientTimeoutWorker(ThreadWorker):
@@ -87,18 +87,10 @@ class StalledClientLog(logging.Filter):
         return True
 
 
-def close_gateway(_arbiter, worker) -> None:
-    """A worker that stops closes its gateway: its embedded model server stops and removes the
-    private socket folder it made under TMPDIR."""
-    app = getattr(worker, "wsgi", None)  # None when the worker failed before loading the app
-    if app is not None:
-        app.extensions["scribe"].close()
-
-
 def remove_socket_folder(_arbiter, worker) -> None:
-    """In the arbiter, once a worker has gone however it went (killed, crashed, or stopped too
-    late for close_gateway to finish): remove what is left of its socket folder."""
-    for folder in Path(tempfile.gettempdir()).glob(f"scribe-{worker.pid}-*"):
+    """In the arbiter, once a worker has gone however it went (stopped, killed or crashed):
+    remove the private folder of its embedded model server's socket."""
+    for folder in Path(tempfile.gettempdir()).glob(socket_folder_prefix(worker.pid) + "*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -116,7 +108,6 @@ class GatewayServer(BaseApplication):
         self.cfg.set("timeout", 120)  # loading TensorFlow and the models takes a while
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
-        self.cfg.set("worker_exit", close_gateway)
         self.cfg.set("child_exit", remove_socket_folder)
 
     def load(self):

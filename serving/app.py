@@ -19,7 +19,7 @@ from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from serving.config import Settings
+from serving.config import Settings, socket_folder_prefix
 from serving.errors import RETRY_AFTER_SECONDS, bad_request, register_error_handlers
 from serving.metrics import install_metrics
 from serving.model_client import ModelClient
@@ -87,8 +87,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
         # A private Unix socket: gRPC over it costs less CPU per call than over loopback TCP
         # (the port stays open too, for tools and tests).
-        # Named after this process, so that gunicorn's arbiter can remove it even after a crash.
-        socket_path = Path(tempfile.mkdtemp(prefix=f"scribe-{os.getpid()}-")) / "model-server.sock"
+        socket_path = Path(tempfile.mkdtemp(prefix=socket_folder_prefix(os.getpid()))) / "model-server.sock"
         embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
                                       grpc_port=0, host="127.0.0.1",
                                       poll_seconds=settings.poll_seconds,

@@ -10,6 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def socket_folder_prefix(pid: int) -> str:
+    """How the private folder under TMPDIR that holds a gateway process's embedded model server
+    socket is named: after the process, so that gunicorn's arbiter (serving/__main__.py) can find
+    and remove it once the worker has gone."""
+    return f"scribe-{pid}-"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every field is read from the environment variable SCRIBE_<FIELD NAME> (PORT for port)."""

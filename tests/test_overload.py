@@ -25,6 +25,8 @@ from conftest import ROOT, copy_model_base, free_port
 from drawings import chunked, padded_png
 from reliability import record, rss_mb
 
+from serving.config import Settings
+
 THREADS = 6
 MAX_GENERATIONS = 2
 CLIENT_TIMEOUT = 2.0
@@ -255,8 +257,6 @@ def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
 
 def test_a_chunked_body_of_exactly_the_limit_is_served(server):
     """The same under gunicorn, whose chunked reader is the one production uses."""
-    from serving.config import Settings
-
     body = padded_png(3, Settings().max_body_bytes)  # the server runs with the default limit
     url, headers = server.url + "/v1/digits/predict", {"Content-Type": "image/png"}
     response = requests.post(url, data=chunked(body), headers=headers, timeout=60)
@@ -269,8 +269,6 @@ def test_a_chunked_body_of_exactly_the_limit_is_served(server):
 def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
     """A chunked body that reaches the size limit inside a chunk that claims more, then ends:
     the look past the limit finds the client gone, which is the client's fault, not a 500."""
-    from serving.config import Settings
-
     limit = Settings().max_body_bytes
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(b"POST /v1/digits/predict HTTP/1.1\r\nHost: scribe\r\nContent-Type: image/png\r\n"
@@ -290,8 +288,8 @@ def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
 
 def test_no_socket_folder_outlives_its_worker(trained, trained_bard, tmp_path):
     """Each worker's embedded model server listens on a socket in a folder of its own under
-    TMPDIR, named after the worker. A killed worker's folder is removed by the arbiter; on a
-    normal stop each worker stops its server and removes its folder."""
+    TMPDIR, named after the worker. The arbiter removes it once the worker has gone: killed, or
+    stopped with the rest."""
     copy_model_base(trained, tmp_path / "models")
     copy_model_base(trained_bard, tmp_path / "models")
     live = start_gunicorn(tmp_path)
