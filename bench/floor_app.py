@@ -1,23 +1,32 @@
-"""The floor: the same server stack (Flask under gunicorn) decoding and preprocessing the same
-image, answering without calling any model. How close the gateway gets to what HTTP plus image
-decoding alone allow on this machine.
+"""The floor: the same server stack as the gateway (serving/__main__.py: gunicorn's threaded
+workers with the gateway's worker class, settings and access log; Flask) decoding and
+preprocessing the same image, answering without calling any model. How close the gateway gets to
+what HTTP plus image decoding alone allow on this machine.
 
-    gunicorn -w 2 -k gthread --threads 16 'bench.floor_app:create_app()'
+    SCRIBE_WORKERS=2 PORT=8090 python -m bench.floor_app
 """
 
 from __future__ import annotations
 
 from flask import Flask, jsonify, request
 
+from serving.config import Settings
 from serving.preprocess import decode_image, preprocess_drawing
 
 
-def create_app() -> Flask:
+def create_app(settings: Settings) -> Flask:
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     @app.post("/v1/digits/predict")
     def predict():
-        x = preprocess_drawing(decode_image(request.get_data(), 4096 * 4096))
+        x = preprocess_drawing(decode_image(request.get_data(), settings.max_image_pixels))
         return jsonify(predictions=[{"digit": 0, "confidence": float(x.max())}])
 
     return app
+
+
+if __name__ == "__main__":
+    from serving.__main__ import GatewayServer
+
+    GatewayServer(Settings.from_env(), create_app).run()

@@ -5,7 +5,8 @@ p50/p90/p99 latency for:
   a. the Scribe gateway under gunicorn with the embedded model server, batching on and off, and
      with the gateway's coalescing of concurrent requests into shared Predict calls off;
   b. the tutorial baseline: Flask calling Keras `model.predict` per request (same model);
-  c. the floor: the same stack decoding and preprocessing the image, answering without a model.
+  c. the floor: the gateway's server stack decoding and preprocessing the image, answering
+     without a model.
 Also the gateway's cold start (process start to /readyz 200) and the peak memory (RSS of the
 whole gunicorn process tree) at 64 concurrent clients.
 
@@ -190,7 +191,7 @@ def main() -> int:
          {**gateway_env, "SCRIBE_COALESCE_CALLS": "0"}),
         ("keras predict baseline", gunicorn("bench.baseline_keras_app:create_app()", 0),
          {"SCRIBE_BENCH_MODEL": str(versions[-1].parent), "TF_CPP_MIN_LOG_LEVEL": "2"}),
-        ("floor (no model)", gunicorn("bench.floor_app:create_app()", 0), {}),
+        ("floor (no model)", [sys.executable, "-m", "bench.floor_app"], gateway_env),
     ]
     results = {"benchmark": "http_digits", "seconds_per_point": args.seconds, "rounds": args.rounds,
                "servers": {}}

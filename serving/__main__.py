@@ -4,18 +4,64 @@ environment (see serving/config.py and the README's configuration table)."""
 from __future__ import annotations
 
 import logging
+import mmap
+import select
 import shutil
 import socket
 import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from serving.config import Settings, socket_folder_prefix
+
+
+class ConnectionBalance:
+    """Open connections per gunicorn worker, in memory that the arbiter and its workers share.
+
+    Workers take new connections from one shared listening socket, and whichever wakes first
+    takes it. A client that keeps its connection (a load generator, a reverse proxy's keep-alive
+    pool) stays on the worker that accepted it, and those races pile connections onto one worker:
+    16 opened at once split 15/1 or 14/2 about as often as 8/8 here. A worker's requests share its
+    one Python interpreter lock, so the crowded worker is the bottleneck while the other idles:
+    about 20% fewer requests per second at 16 clients, and several times the p99 latency
+    (docs/benchmarks.md). So a worker that holds more connections than another one that is
+    taking connections lets that one accept (least connections, as load balancers do). It waits
+    RECHECK_SECONDS at a time and never more than MAX_DEFER_SECONDS in all, so a stalled or
+    dying worker cannot hold up new clients."""
+
+    RECHECK_SECONDS = 0.002
+    MAX_DEFER_SECONDS = 0.05
+    NOT_ACCEPTING = -1  # a free slot, a worker still booting, full, or stopping
+
+    def __init__(self, slots: int):
+        self.memory = mmap.mmap(-1, 8 * slots)  # anonymous and shared: inherited by every fork
+        self.counts = memoryview(self.memory).cast("q")
+        for slot in range(slots):
+            self.counts[slot] = self.NOT_ACCEPTING
+
+    def assign(self, arbiter, worker) -> None:
+        """gunicorn's pre_fork hook, in the arbiter: give the new worker a free slot (none when
+        every slot is taken, as while a reload starts new workers: it then accepts freely)."""
+        taken = {getattr(w, "balance_slot", None) for w in arbiter.WORKERS.values()}
+        worker.balance_slot = next((s for s in range(len(self.counts)) if s not in taken), None)
+        if worker.balance_slot is not None:
+            self.counts[worker.balance_slot] = self.NOT_ACCEPTING
+
+    def release(self, worker) -> None:
+        if getattr(worker, "balance_slot", None) is not None:
+            self.counts[worker.balance_slot] = self.NOT_ACCEPTING
+
+    def fewer_elsewhere(self, slot: int | None, connections: int) -> bool:
+        """Whether another worker that is taking connections holds fewer than `connections`."""
+        return slot is not None and any(
+            0 <= count < connections for other, count in enumerate(self.counts) if other != slot)
 
 
 class ClientTimeoutWorker(ThreadWorker):
@@ -29,10 +75,74 @@ class ClientTimeoutWorker(ThreadWorker):
     those calls: each recv or send that makes no progress for SCRIBE_CLIENT_TIMEOUT_SECONDS
     fails, the thread closes the connection, and a stream's generator is closed with it."""
 
+    balance_slot: int | None = None  # set by ConnectionBalance.assign in the arbiter
+    resume_accept_at: float | None = None  # while it leaves a new connection to another worker
+    deferring_since: float | None = None  # since when a waiting connection has been left
+
     def init_process(self):
         self.client_timeout = self.app.settings.client_timeout_seconds
+        self.balance = self.app.balance
         self.log.error_log.addFilter(StalledClientLog(self.client_timeout))
         super().init_process()
+
+    def run(self):
+        self.log.info("Worker %s is ready and accepting connections", self.pid)
+        super().run()
+
+    # Least-connections accept (ConnectionBalance): the worker publishes how many connections it
+    # holds whenever that changes, or NOT_ACCEPTING while it takes none.
+    @property
+    def nr_conns(self) -> int:
+        return self._nr_conns
+
+    @nr_conns.setter
+    def nr_conns(self, value: int) -> None:
+        self._nr_conns = value
+        self.publish()
+
+    def publish(self) -> None:
+        if self.balance_slot is not None:
+            taking = self._accepting or self.resume_accept_at is not None
+            self.balance.counts[self.balance_slot] = self._nr_conns if taking and self.alive \
+                else ConnectionBalance.NOT_ACCEPTING
+
+    def set_accept_enabled(self, enabled):
+        """gunicorn's main loop turns accepting on, or off when the worker is full or stopping."""
+        if not enabled:
+            self.resume_accept_at = self.deferring_since = None
+        elif self.resume_accept_at is not None:
+            if time.monotonic() < self.resume_accept_at:
+                return  # still leaving new connections to a worker with fewer
+            self.resume_accept_at = None
+            if not self.connection_waiting():
+                self.deferring_since = None  # another worker took it
+        super().set_accept_enabled(enabled)
+        self.publish()
+
+    def connection_waiting(self) -> bool:
+        poll = select.poll()
+        for listener in self.sockets:
+            poll.register(listener, select.POLLIN)
+        return bool(poll.poll(0))
+
+    def wait_for_and_dispatch_events(self, timeout):
+        # Wake up in time to look again (once the time has come, the main loop turns accepting
+        # back on before it waits, unless the worker is full).
+        if self.resume_accept_at is not None and (left := self.resume_accept_at - time.monotonic()) > 0:
+            timeout = min(timeout, left)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def accept(self, listener):
+        if self.balance.fewer_elsewhere(self.balance_slot, self._nr_conns):
+            now = time.monotonic()
+            if self.deferring_since is None:
+                self.deferring_since = now
+            if now - self.deferring_since < ConnectionBalance.MAX_DEFER_SECONDS:
+                self.resume_accept_at = now + ConnectionBalance.RECHECK_SECONDS
+                super().set_accept_enabled(False)
+                return
+        self.deferring_since = None
+        super().accept(listener)
 
     def enqueue_req(self, conn):
         if not conn.initialized:  # a new connection: the options stay for its lifetime
@@ -87,7 +197,7 @@ class StalledClientLog(logging.Filter):
         return True
 
 
-def remove_socket_folder(_arbiter, worker) -> None:
+def remove_socket_folder(worker) -> None:
     """In the arbiter, once a worker has gone however it went (stopped, killed or crashed):
     remove the private folder of its embedded model server's socket."""
     for folder in Path(tempfile.gettempdir()).glob(socket_folder_prefix(worker.pid) + "*"):
@@ -95,9 +205,18 @@ def remove_socket_folder(_arbiter, worker) -> None:
 
 
 class GatewayServer(BaseApplication):
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    """gunicorn, configured from Settings, serving `app_factory(settings)` in each worker: the
+    gateway by default (bench/floor_app.py serves its floor on the same stack)."""
+
+    def __init__(self, settings: Settings, app_factory: Callable[[Settings], Any] | None = None):
+        self.settings, self.app_factory = settings, app_factory
+        self.balance = ConnectionBalance(2 * settings.workers + 2)  # room for a reload's new workers
         super().__init__()
+
+    def child_exit(self, _arbiter, worker) -> None:
+        """gunicorn's child_exit hook, in the arbiter: a worker has gone, however it went."""
+        self.balance.release(worker)
+        remove_socket_folder(worker)
 
     def load_config(self):
         s = self.settings
@@ -108,9 +227,12 @@ class GatewayServer(BaseApplication):
         self.cfg.set("timeout", 120)  # loading TensorFlow and the models takes a while
         self.cfg.set("graceful_timeout", 20)
         self.cfg.set("accesslog", "-")
-        self.cfg.set("child_exit", remove_socket_folder)
+        self.cfg.set("pre_fork", self.balance.assign)
+        self.cfg.set("child_exit", self.child_exit)
 
     def load(self):
+        if self.app_factory is not None:
+            return self.app_factory(self.settings)
         from serving.app import create_app  # in the worker: TensorFlow is never forked
 
         return create_app(self.settings)

@@ -78,11 +78,11 @@ def server(trained, trained_bard, tmp_path_factory):
     live.stop()
 
 
-def start_gunicorn(folder: Path) -> Gunicorn:
-    """`python -m serving` over `folder`/models, once /readyz answers 200."""
+def start_gunicorn(folder: Path, workers: int = 1) -> Gunicorn:
+    """`python -m serving` over `folder`/models, once /readyz answers 200 (from every worker)."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
-    env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS="1",
+    env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS=str(workers),
                SCRIBE_THREADS=str(THREADS), SCRIBE_MAX_GENERATIONS=str(MAX_GENERATIONS),
                SCRIBE_CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
                SCRIBE_STREAM_CHUNK_CHARS="1",  # one model call per character: streams last seconds
@@ -99,7 +99,8 @@ def start_gunicorn(folder: Path) -> Gunicorn:
             assert process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "not ready in time\n" + log.read_text()[-3000:]
             try:
-                if requests.get(live.url + "/readyz", timeout=10).status_code == 200:
+                if requests.get(live.url + "/readyz", timeout=10).status_code == 200 \
+                        and len(live.worker_pids()) == workers and booted(log, workers):
                     return live
             except requests.RequestException:
                 pass
@@ -107,6 +108,11 @@ def start_gunicorn(folder: Path) -> Gunicorn:
     except BaseException:
         live.stop()
         raise
+
+
+def booted(log: Path, workers: int) -> bool:
+    """Whether every worker has loaded the gateway and takes connections (each logs it)."""
+    return log.read_text().count("is ready and accepting connections") >= workers
 
 
 def generate(server: Gunicorn, seed: int, max_chars: int = 500) -> tuple[requests.Response, float]:
@@ -310,3 +316,93 @@ def test_no_socket_folder_outlives_its_worker(trained, trained_bard, tmp_path):
         live.stop()
     assert live.process.returncode == 0, live.log.read_text()[-3000:]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def connections_per_worker(server: Gunicorn) -> dict[int, int]:
+    """How many established client connections each worker holds (from /proc: the TCP sockets on
+    the gateway's port, matched to the workers' open files by inode)."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == server.port and fields[3] == "01":  # 01: ESTABLISHED
+            established.add(fields[9])
+    counts = {}
+    for pid in server.worker_pids():
+        sockets = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                sockets.add(os.readlink(fd).removeprefix("socket:[").removesuffix("]"))
+            except FileNotFoundError:  # closed meanwhile
+                pass
+        counts[pid] = len(established & sockets)
+    return counts
+
+
+def open_kept_alive(server: Gunicorn, count: int) -> list:
+    """`count` clients that connect at once, each ask /healthz and keep their connection open."""
+    import http.client
+    import threading
+
+    start = threading.Barrier(count)
+
+    def client(_):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        start.wait()
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read()
+        return connection
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(client, range(count)))
+
+
+@pytest.fixture(scope="module")
+def two_workers(trained, trained_bard, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two-workers")
+    copy_model_base(trained, folder / "models")
+    copy_model_base(trained_bard, folder / "models")
+    live = start_gunicorn(folder, workers=2)
+    yield live
+    live.stop()
+
+
+def test_kept_alive_connections_are_shared_evenly_between_workers(two_workers):
+    """Clients that keep their connections (a load generator, a proxy's keep-alive pool) stay on
+    the worker that accepted them. Left to gunicorn's accept race, 16 opened at once split 15/1 as
+    often as 8/8, and the crowded worker's interpreter lock held back the whole gateway; each
+    worker now lets a less busy one accept."""
+    for _ in range(3):
+        connections = open_kept_alive(two_workers, 16)
+        try:
+            counts = connections_per_worker(two_workers)
+            assert sum(counts.values()) == 16, counts
+            assert max(counts.values()) - min(counts.values()) <= 2, counts
+        finally:
+            for connection in connections:
+                connection.close()
+        deadline = time.monotonic() + 10
+        while sum(connections_per_worker(two_workers).values()):  # the workers saw them close
+            assert time.monotonic() < deadline, connections_per_worker(two_workers)
+            time.sleep(0.05)
+
+
+def test_a_stalled_worker_does_not_hold_up_new_clients(two_workers):
+    """A worker leaves a new connection to one with fewer only for a moment: with the other
+    worker frozen (SIGSTOP), every new client is still answered at once."""
+    frozen, working = two_workers.worker_pids()
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        connections = []
+        for _ in range(6):  # the working worker holds more and more connections than the frozen one
+            started = time.monotonic()
+            connections += open_kept_alive(two_workers, 1)
+            assert time.monotonic() - started < 2, "a new client waited for the frozen worker"
+        assert connections_per_worker(two_workers)[working] == 6
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        for connection in connections:
+            connection.close()
+    response = requests.get(two_workers.url + "/readyz", timeout=10)
+    assert response.status_code == 200
