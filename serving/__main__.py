@@ -28,13 +28,15 @@ class ConnectionBalance:
     Workers take new connections from one shared listening socket, and whichever wakes first
     takes it. A client that keeps its connection (a load generator, a reverse proxy's keep-alive
     pool) stays on the worker that accepted it, and those races pile connections onto one worker:
-    16 opened at once split 15/1 or 14/2 about as often as 8/8 here. A worker's requests share its
-    one Python interpreter lock, so the crowded worker is the bottleneck while the other idles:
-    about 20% fewer requests per second at 16 clients, and several times the p99 latency
+    16 opened at once split 5/11, 7/9, 15/1, 7/9, 14/2 and 11/5 in six tries here. A worker's
+    requests share its one Python interpreter lock, so the crowded worker holds the gateway back
+    while the other idles: in the median of those six, 12% fewer requests per second at 16
+    clients than with an even split, 30% fewer at 15/1, and up to 1.8 times the p99 latency
     (docs/benchmarks.md). So a worker that holds more connections than another one that is
-    taking connections lets that one accept (least connections, as load balancers do). It waits
-    RECHECK_SECONDS at a time and never more than MAX_DEFER_SECONDS in all, so a stalled or
-    dying worker cannot hold up new clients."""
+    taking connections lets that one accept (least connections, as load balancers do). It looks
+    again every RECHECK_SECONDS. If a connection is still waiting after MAX_DEFER_SECONDS, the
+    other worker is stalled or dying: this one then accepts every waiting connection at once, so
+    a new client waits at most about MAX_DEFER_SECONDS."""
 
     RECHECK_SECONDS = 0.002
     MAX_DEFER_SECONDS = 0.05
@@ -78,6 +80,7 @@ class ClientTimeoutWorker(ThreadWorker):
     balance_slot: int | None = None  # set by ConnectionBalance.assign in the arbiter
     resume_accept_at: float | None = None  # while it leaves a new connection to another worker
     deferring_since: float | None = None  # since when a waiting connection has been left
+    draining = False  # a wait ran out: accept every waiting connection without looking
 
     def init_process(self):
         self.client_timeout = self.app.settings.client_timeout_seconds
@@ -114,8 +117,6 @@ class ClientTimeoutWorker(ThreadWorker):
             if time.monotonic() < self.resume_accept_at:
                 return  # still leaving new connections to a worker with fewer
             self.resume_accept_at = None
-            if not self.connection_waiting():
-                self.deferring_since = None  # another worker took it
         super().set_accept_enabled(enabled)
         self.publish()
 
@@ -126,14 +127,19 @@ class ClientTimeoutWorker(ThreadWorker):
         return bool(poll.poll(0))
 
     def wait_for_and_dispatch_events(self, timeout):
-        # Wake up in time to look again (once the time has come, the main loop turns accepting
-        # back on before it waits, unless the worker is full).
-        if self.resume_accept_at is not None and (left := self.resume_accept_at - time.monotonic()) > 0:
-            timeout = min(timeout, left)
+        if self.resume_accept_at is not None:
+            if self._nr_conns >= self.worker_connections:
+                self.resume_accept_at = None  # full: gunicorn turns accepting back on when it is not
+                self.publish()
+            else:  # wake up in time to look again (at once if that time has come meanwhile)
+                timeout = min(timeout, max(0.0, self.resume_accept_at - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
+        if self.deferring_since is not None and self.resume_accept_at is None \
+                and not self.connection_waiting():
+            self.deferring_since = None  # another worker took the connection this one left
 
     def accept(self, listener):
-        if self.balance.fewer_elsewhere(self.balance_slot, self._nr_conns):
+        if not self.draining and self.balance.fewer_elsewhere(self.balance_slot, self._nr_conns):
             now = time.monotonic()
             if self.deferring_since is None:
                 self.deferring_since = now
@@ -141,8 +147,11 @@ class ClientTimeoutWorker(ThreadWorker):
                 self.resume_accept_at = now + ConnectionBalance.RECHECK_SECONDS
                 super().set_accept_enabled(False)
                 return
+            self.draining = True  # the other worker is not taking them
         self.deferring_since = None
         super().accept(listener)
+        if self.draining:
+            self.draining = self.connection_waiting()
 
     def enqueue_req(self, conn):
         if not conn.initialized:  # a new connection: the options stay for its lifetime
@@ -210,7 +219,9 @@ class GatewayServer(BaseApplication):
 
     def __init__(self, settings: Settings, app_factory: Callable[[Settings], Any] | None = None):
         self.settings, self.app_factory = settings, app_factory
-        self.balance = ConnectionBalance(2 * settings.workers + 2)  # room for a reload's new workers
+        # Room for the workers a reload (HUP) or TTIN starts while the old ones stop; a worker
+        # that finds no free slot accepts as gunicorn's own workers do.
+        self.balance = ConnectionBalance(max(64, 4 * settings.workers))
         super().__init__()
 
     def child_exit(self, _arbiter, worker) -> None:
