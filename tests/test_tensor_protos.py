@@ -13,6 +13,11 @@ ARRAYS = [
     np.array([1.5, 2.5]),
     np.array([[0, 255]], np.uint8),
     np.array([300], np.int32),  # a single value: TF writes int_val, not tensor_content
+    np.array([[255]], np.uint8),  # ... int_val for uint8 too
+    np.array([2**40], np.int64),  # int64_val
+    np.array([0.1]),  # double_val
+    np.zeros((1, 1, 1), np.float32),  # float_val
+    np.zeros((0,), np.int64),  # no values at all
     np.float32(0.8),  # a scalar
     np.zeros((0, 10), np.float32),  # an empty batch
     np.array([True, False]),
@@ -46,3 +51,23 @@ def test_content_that_does_not_match_the_shape_is_an_error():
     proto.tensor_shape.dim[0].size = 5
     with pytest.raises(ValueError):
         from_proto(proto)
+
+
+@pytest.mark.parametrize("values", [[], [0.5], [0.5, 0.25]], ids=["none", "one", "fewer"])
+def test_typed_values_fewer_than_the_shape_are_read_as_tensorflow_reads_them(values):
+    """None means zeros, fewer repeat the last one (tf.make_ndarray's rules)."""
+    proto = tf.make_tensor_proto(np.zeros((2, 2), np.float32))
+    proto.ClearField("tensor_content")
+    proto.float_val.extend(values)
+    ours, theirs = from_proto(proto), tf.make_ndarray(proto)
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_typed_values_beyond_the_shape_or_the_dtype_are_an_error():
+    too_many = tf.make_tensor_proto(np.array([1], np.int32))
+    too_many.int_val.append(2)
+    out_of_range = tf.make_tensor_proto(np.array([1], np.uint8))
+    out_of_range.int_val[0] = 300
+    for proto in (too_many, out_of_range):
+        with pytest.raises(ValueError):
+            from_proto(proto)
