@@ -11,10 +11,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.tensor_protos import from_proto, to_proto
+from serving.tensor_protos import MAX_MESSAGE_BYTES, from_proto, to_proto
 
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # When the model server goes away, gRPC retries the connection with exponential backoff (1 s,
 # then x1.6 per failure, up to 120 s). Meanwhile every call fails at once with UNAVAILABLE (a
 # 503), even after the model server is back: one down for 10 s stayed unreachable for another

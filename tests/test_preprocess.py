@@ -56,6 +56,27 @@ def test_transparent_canvas_png_is_composited_over_white(reference):
     assert correlation(mnist_form(canvas), reference) > 0.97
 
 
+@pytest.mark.parametrize("mode", ["La", "RGBa"])
+def test_premultiplied_alpha_images_are_read_like_the_others(reference, mode):
+    """Pillow opens TIFFs with associated (premultiplied) alpha as La or RGBa, and converts La
+    only to LA: such an image was a 500 before."""
+    canvas = draw_digit(7, mode="RGBA", ink=(0, 0, 0, 255), background=(0, 0, 0, 0))
+    image = canvas.convert("LA" if mode == "La" else "RGBA").convert(mode)
+    assert image.mode == mode
+    assert correlation(preprocess_drawing(image), reference) > 0.97
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_colour_marked_transparent_is_paper(reference, mode):
+    """A PNG without an alpha channel may name one colour transparent (tRNS): those pixels are
+    composited over white like a canvas's, whatever their stored colour."""
+    black = 0 if mode == "L" else (0, 0, 0)
+    canvas = draw_digit(7, mode=mode, ink=128 if mode == "L" else (128, 128, 128), background=black)
+    body = png_bytes(canvas, transparency=black)
+    assert "transparency" in decode_image(body, LIMIT).info
+    assert correlation(preprocess_drawing(decode_image(body, LIMIT)), reference) > 0.97
+
+
 def test_off_centre_drawing_is_moved_to_the_centre(reference):
     corner = draw_digit(7, size=280, box=(170, 160, 100), width=9)
     assert correlation(mnist_form(corner), reference) > 0.9

@@ -68,6 +68,10 @@ def test_typed_values_beyond_the_shape_or_the_dtype_are_an_error():
     too_many.int_val.append(2)
     out_of_range = tf.make_tensor_proto(np.array([1], np.uint8))
     out_of_range.int_val[0] = 300
-    for proto in (too_many, out_of_range):
+    # A few bytes that ask for 3 GB of zeros: refused before anything is allocated.
+    enormous = tf.make_tensor_proto(np.zeros((1, 28, 28), np.float32))
+    enormous.ClearField("tensor_content")
+    enormous.tensor_shape.dim[0].size = 10**6
+    for proto in (too_many, out_of_range, enormous):
         with pytest.raises(ValueError):
             from_proto(proto)

@@ -16,10 +16,9 @@ from tensorflow_serving.apis import (
 )
 
 from serving.model_server.servables import ServableManager, ServingError
-from serving.tensor_protos import from_proto, to_proto
+from serving.tensor_protos import MAX_MESSAGE_BYTES, from_proto, to_proto
 
 log = logging.getLogger("scribe.model_server")
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # above gRPC's 4 MB default, like TF Serving's own server
 
 
 def _spec(request_spec):
