@@ -134,9 +134,10 @@ class ClientTimeoutWorker(ThreadWorker):
             else:  # wake up in time to look again (at once if that time has come meanwhile)
                 timeout = min(timeout, max(0.0, self.resume_accept_at - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
-        if self.deferring_since is not None and self.resume_accept_at is None \
+        if (self.deferring_since is not None or self.draining) and self.resume_accept_at is None \
                 and not self.connection_waiting():
-            self.deferring_since = None  # another worker took the connection this one left
+            # Another worker took what this one left or had yet to take: balance the next one.
+            self.deferring_since, self.draining = None, False
 
     def accept(self, listener):
         if not self.draining and self.balance.fewer_elsewhere(self.balance_slot, self._nr_conns):
