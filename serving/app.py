@@ -7,8 +7,10 @@ socket, so the gateway always talks TF Serving's gRPC API.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +89,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
         # A private Unix socket: gRPC over it costs less CPU per call than over loopback TCP
         # (the port stays open too, for tools and tests).
-        socket_path = Path(tempfile.mkdtemp(prefix=socket_folder_prefix(os.getpid()))) / "model-server.sock"
+        socket_folder = tempfile.mkdtemp(prefix=socket_folder_prefix(os.getpid()))
+        # Gone when the process ends, closed or not (`flask run`, a script, a test); under
+        # gunicorn the arbiter also removes it for a worker that was killed.
+        atexit.register(shutil.rmtree, socket_folder, ignore_errors=True)
+        socket_path = Path(socket_folder) / "model-server.sock"
         embedded = start_model_server(settings.model_config, {"/models": settings.model_dir},
                                       grpc_port=0, host="127.0.0.1",
                                       poll_seconds=settings.poll_seconds,

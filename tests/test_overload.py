@@ -292,6 +292,22 @@ def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
     assert response.status_code == 200
 
 
+def test_no_socket_folder_outlives_a_process_that_never_closed_its_gateway(tmp_path):
+    """A script, `flask run` or a test that makes the gateway and exits without closing it
+    leaves no socket folder behind."""
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "models").mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+    script = ("from serving.app import create_app; from serving.config import Settings; "
+              f"app = create_app(Settings(model_dir={str(tmp_path / 'models')!r})); "
+              "import tempfile, pathlib; print(len(list(pathlib.Path(tempfile.gettempdir()).iterdir())))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "TMPDIR": str(tmp_path / "tmp")}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "1"  # its socket folder, while it ran
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_no_socket_folder_outlives_its_worker(trained, trained_bard, tmp_path):
     """Each worker's embedded model server listens on a socket in a folder of its own under
     TMPDIR, named after the worker. The arbiter removes it once the worker has gone: killed, or
