@@ -81,6 +81,7 @@ class ClientTimeoutWorker(ThreadWorker):
     resume_accept_at: float | None = None  # while it leaves a new connection to another worker
     deferring_since: float | None = None  # since when a waiting connection has been left
     draining = False  # a wait ran out: accept every waiting connection without looking
+    listeners_poll = None
 
     def init_process(self):
         self.client_timeout = self.app.settings.client_timeout_seconds
@@ -121,10 +122,12 @@ class ClientTimeoutWorker(ThreadWorker):
         self.publish()
 
     def connection_waiting(self) -> bool:
-        poll = select.poll()
-        for listener in self.sockets:
-            poll.register(listener, select.POLLIN)
-        return bool(poll.poll(0))
+        """Whether a new connection waits on a listener (the listeners are fixed: one poll object)."""
+        if self.listeners_poll is None:
+            self.listeners_poll = select.poll()
+            for listener in self.sockets:
+                self.listeners_poll.register(listener, select.POLLIN)
+        return bool(self.listeners_poll.poll(0))
 
     def wait_for_and_dispatch_events(self, timeout):
         if self.resume_accept_at is not None:

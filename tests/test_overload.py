@@ -7,6 +7,7 @@ back however they end, and clients that stall are disconnected instead of holdin
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,10 +80,15 @@ def server(trained, trained_bard, tmp_path_factory):
     live.stop()
 
 
+def environment_without_scribe_settings() -> dict[str, str]:
+    """This environment minus any SCRIBE_* setting, so that each test sets its own."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+
+
 def start_gunicorn(folder: Path, workers: int = 1) -> Gunicorn:
     """`python -m serving` over `folder`/models, once /readyz answers 200 (from every worker)."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+    env = environment_without_scribe_settings()
     env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS=str(workers),
                SCRIBE_THREADS=str(THREADS), SCRIBE_MAX_GENERATIONS=str(MAX_GENERATIONS),
                SCRIBE_CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
@@ -297,7 +304,7 @@ def test_no_socket_folder_outlives_a_process_that_never_closed_its_gateway(tmp_p
     leaves no socket folder behind."""
     (tmp_path / "tmp").mkdir()
     (tmp_path / "models").mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+    env = environment_without_scribe_settings()
     script = ("from serving.app import create_app; from serving.config import Settings; "
               f"app = create_app(Settings(model_dir={str(tmp_path / 'models')!r})); "
               "import tempfile, pathlib; print(len(list(pathlib.Path(tempfile.gettempdir()).iterdir())))")
@@ -358,9 +365,6 @@ def connections_per_worker(server: Gunicorn, established_only: bool = True) -> d
 
 def open_kept_alive(server: Gunicorn, count: int) -> list:
     """`count` clients that connect at once, each ask /healthz and keep their connection open."""
-    import http.client
-    import threading
-
     start = threading.Barrier(count)
 
     def client(_):
