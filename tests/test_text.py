@@ -113,20 +113,23 @@ def test_streamed_chunks_join_into_the_one_call_text(gateway):
 
 
 def test_requests_batched_together_write_what_each_writes_alone(trained_bard):
-    """TF Serving's batching merges requests: every row keeps its own parameters and seed."""
+    """TF Serving's batching merges requests: every row keeps its own parameters and seed, and a
+    row that asks for fewer characters ends with its own state, ready to be continued."""
     import tensorflow as tf
 
     generate = tf.saved_model.load(str(trained_bard.version_dir)).signatures["serving_default"]
 
     def run(prompts, **inputs):
-        return [t.decode() for t in generate(prompt=tf.constant(prompts), **{
-            k: tf.constant(v) for k, v in inputs.items()})["text"].numpy()]
+        out = generate(prompt=tf.constant(prompts), **{k: tf.constant(v) for k, v in inputs.items()})
+        return [t.decode() for t in out["text"].numpy()], out["state"].numpy()
 
-    [alone] = run([b"ROMEO:"], **generation_inputs(1, 60, top_k=4, seed=7))
     together = generation_inputs(2, 60, top_k=4, seed=7)
     together["max_chars"][1], together["seed"][1], together["temperature"][1] = 15, 99, 1.5
-    first, second = run([b"ROMEO:", b"A much longer prompt"], **together)
-    assert first == alone and len(second) == 15
+    texts, states = run([b"ROMEO:", b"A much longer prompt"], **together)
+    for row, prompt in enumerate([b"ROMEO:", b"A much longer prompt"]):
+        [alone], state = run([prompt], **{k: v[row:row + 1] for k, v in together.items()})
+        assert texts[row] == alone and len(alone) == together["max_chars"][row]
+        np.testing.assert_allclose(states[row], state[0], atol=1e-5)
 
 
 def test_top_k_of_one_is_greedy_so_the_seed_no_longer_matters(gateway):

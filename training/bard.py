@@ -31,6 +31,7 @@ MAX_REGRESSION = 0.02  # nats per character a new version may lose against the p
 FALLBACK = " "  # characters outside the alphabet are read as a space
 MAX_CODEPOINT = 0xFFFF  # the in-graph character table covers the Basic Multilingual Plane
 MAX_CHARS_PER_CALL = 10_000
+UNROLL = 8  # characters per iteration of the generation loop (see `write`)
 SEED = 42
 
 
@@ -73,7 +74,9 @@ def sequences(ids: np.ndarray, seq_len: int, batch: int, shuffle: bool):
 
 
 def make_generator(model, alphabet: list[str]):
-    """tf.functions for in-graph generation; the alphabet becomes constants in the graph."""
+    """tf.functions for in-graph generation, and the variables they add to the model's (to be
+    saved with them). The alphabet becomes constants in the graph."""
+    import keras
     import tensorflow as tf
 
     embedding = model.get_layer("embedding")
@@ -96,28 +99,42 @@ def make_generator(model, alphabet: list[str]):
             new.append(x)
         return tf.concat(new, axis=1)
 
-    def input_table():
-        """Embedding times the first layer's input kernel, plus its bias: one row per character,
-        so the first layer's input projection is a lookup. Computed once per call."""
-        kernel, bias = cells[0].kernel, cells[0].bias
-        return tf.matmul(embedding.embeddings, kernel) + bias[0]
+    # The first layer's input projection for each character (embedding times that layer's input
+    # kernel, plus its input bias), so that in generation it is a lookup. It is a variable saved
+    # with the export: computing it costs about 0.1 ms, which a call writing one character pays.
+    char_inputs = keras.Variable(
+        tf.matmul(embedding.embeddings, cells[0].kernel) + cells[0].bias[0], trainable=False,
+        name="char_inputs")
 
-    def step(ids, state, table):
-        """Feed one character per row; state is every layer's hidden state, concatenated.
+    def read_weights():
+        """What a character step reads, read inside the loop body that uses it: a variable's
+        handle enters a loop once and reading it is one op, where a tensor computed outside the
+        loop is a loop variable, three control-flow ops at every iteration. One unstack splits a
+        bias into its two rows."""
+        layers = []
+        for i, cell in enumerate(cells):
+            input_bias, recurrent_bias = tf.unstack(cell.bias)
+            layers.append((tf.convert_to_tensor(char_inputs if i == 0 else cell.kernel), input_bias,
+                           tf.convert_to_tensor(cell.recurrent_kernel), recurrent_bias))
+        return layers, tf.convert_to_tensor(dense.kernel), tf.convert_to_tensor(dense.bias)
 
-        Keras's GRU (reset_after=True, sigmoid gates, tanh candidate) with fewer ops per
-        character than calling its cells: a generation is a long chain of tiny ops."""
-        projected = tf.gather(table, ids)
+    def step(ids, hs, weights):
+        """Feed one character per row; hs holds each layer's hidden state [batch, units].
+
+        Keras's GRU (reset_after=True, sigmoid gates, tanh candidate) in fewer ops per character
+        than calling its cells: a generation is a long chain of tiny ops, and at batch 1 each op's
+        fixed cost is as much as its arithmetic. Each layer's state is its own loop variable (no
+        split and concat at every step), and bias_add lets Grappler fuse the add into the MatMul."""
         new = []
-        for i, (cell, h) in enumerate(zip(cells, tf.split(state, len(cells), axis=1), strict=True)):
-            if i:
-                projected = tf.matmul(new[-1], cell.kernel) + cell.bias[0]
-            x_z, x_r, x_h = tf.split(projected, 3, axis=1)
-            h_z, h_r, h_h = tf.split(tf.matmul(h, cell.recurrent_kernel) + cell.bias[1], 3, axis=1)
+        for i, (h, (kernel, input_bias, recurrent, recurrent_bias)) in enumerate(
+                zip(hs, weights[0], strict=True)):
+            x = tf.gather(kernel, ids) if i == 0 else tf.nn.bias_add(tf.matmul(new[-1], kernel), input_bias)
+            x_z, x_r, x_h = tf.split(x, 3, axis=1)
+            h_z, h_r, h_h = tf.split(tf.nn.bias_add(tf.matmul(h, recurrent), recurrent_bias), 3, axis=1)
             z = tf.sigmoid(x_z + h_z)
             candidate = tf.tanh(x_h + tf.sigmoid(x_r + h_r) * h_h)
-            new.append(z * h + (1.0 - z) * candidate)
-        return tf.concat(new, axis=1)
+            new.append(candidate + z * (h - candidate))  # z * h + (1 - z) * candidate
+        return new
 
     def mix(h):
         """A 32-bit integer hash (xorshift-multiply rounds) on int64 values in [0, 2**32)."""
@@ -143,11 +160,13 @@ def make_generator(model, alphabet: list[str]):
         uniform = (tf.cast(tf.bitwise.bitwise_and(bits, 0xFFFFFF), tf.float32) + 0.5) / float(1 << 24)
         return -tf.math.log(-tf.math.log(uniform))
 
-    def sample(state, inverse_temperature, top_k, k_max, noise):
+    def sample(h, weights, top_k, k_max, noise):
         """One character per row from softmax(logits / temperature) over its top_k characters
-        (0: all), by the Gumbel-max trick. Every row has its own parameters, so TF Serving may
-        batch requests together."""
-        logits = dense(state[:, -units:]) * inverse_temperature
+        (0: all), by the Gumbel-max trick: noise is Gumbel noise already scaled by each row's
+        temperature, since argmax(logits / T + g) = argmax(logits + T g) for T > 0 (and the top
+        k are the same characters at any T). Every row has its own parameters, so TF Serving may
+        batch requests together. h is the last layer's state."""
+        logits = tf.nn.bias_add(tf.matmul(h, weights[1]), weights[2])
         if k_max is not None:
             best = tf.math.top_k(logits, k=k_max).values
             kth = tf.gather(best, tf.clip_by_value(top_k, 1, k_max) - 1, batch_dims=1)
@@ -162,36 +181,54 @@ def make_generator(model, alphabet: list[str]):
             lambda cp: tf.gather(table, tf.clip_by_value(cp, 0, MAX_CODEPOINT)), chars)
         return ids.to_tensor(), tf.cast(ids.row_lengths(), tf.int32)
 
+    def hold(going, fed, hs):
+        """The new state of the rows still going ([batch] bool), the old state of the others."""
+        return [tf.where(going[:, None], new, h) for new, h in zip(fed, hs, strict=True)]
+
     def read(prompt):
+        """Each layer's state after reading each prompt (rows stop where their prompt does)."""
         padded, lengths = to_ids(prompt)
-        state = tf.zeros([tf.shape(prompt)[0], units * len(cells)])
-        table = input_table()
+        hs = [tf.zeros([tf.shape(prompt)[0], units]) for _ in cells]
 
-        def body(t, state):
-            fed = step(padded[:, t], state, table)
-            return t + 1, tf.where((t < lengths)[:, None], fed, state)
+        def body(t, hs):
+            return t + 1, hold(t < lengths, step(padded[:, t], hs, read_weights()), hs)
 
-        _, state = tf.while_loop(lambda t, _: t < tf.shape(padded)[1], body, [0, state])
-        return state
+        _, hs = tf.while_loop(lambda t, _: t < tf.shape(padded)[1], body, [0, hs])
+        return hs
 
-    def write(state, max_chars, temperature, top_k, seed, position):
+    def write(hs, max_chars, temperature, top_k, seed, position):
         """Up to max_chars[i] characters for row i; each row's state stops where its text does."""
         max_chars = tf.clip_by_value(max_chars, 0, MAX_CHARS_PER_CALL)
         steps = tf.reduce_max(tf.concat([max_chars, [0]], axis=0))
-        noise = gumbel_noise(seed, position, steps)
-        inverse_temperature = 1.0 / tf.maximum(temperature, 1e-3)[:, None]
-        table = input_table()
+        every_row = tf.reduce_min(tf.concat([max_chars, [steps]], axis=0))  # chars all rows write
+        noise = gumbel_noise(seed, position, steps) * tf.maximum(temperature, 1e-3)[None, :, None]
         k_max = tf.clip_by_value(tf.reduce_max(tf.concat([top_k, [0]], axis=0)), 1, vocab)
 
         def loop(use_top_k: bool):
-            def body(i, state, written):
-                c = sample(state, inverse_temperature, top_k, k_max if use_top_k else None, noise[i])
-                state = tf.where((i < max_chars)[:, None], step(c, state, table), state)
-                return i + 1, state, written.write(i, c)
+            def together(i, hs, written):  # UNROLL characters that every row writes
+                weights, written_here = read_weights(), []
+                positions = i + tf.range(UNROLL)
+                for noise_here in tf.unstack(tf.gather(noise, positions), num=UNROLL):
+                    written_here.append(sample(hs[-1], weights, top_k, k_max if use_top_k else None,
+                                               noise_here))
+                    hs = step(written_here[-1], hs, weights)
+                return i + UNROLL, hs, written.scatter(positions, tf.stack(written_here))
 
+            def one_by_one(i, hs, written):
+                weights = read_weights()
+                c = sample(hs[-1], weights, top_k, k_max if use_top_k else None, tf.gather(noise, i))
+                return i + 1, hold(i < max_chars, step(c, hs, weights), hs), written.write(i, c)
+
+            # While every row is still writing, no state needs holding back, and the loop's own
+            # cost (its control flow, weight reads, noise lookup and writing out the characters) is
+            # paid once per UNROLL characters. The rest, and the characters only the longer rows
+            # write, go one at a time.
             written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
-            _, final, written = tf.while_loop(lambda i, *_: i < steps, body, [0, state, written])
-            return final, tf.reshape(tf.transpose(written.stack()), [tf.shape(state)[0], steps])
+            i, final, written = tf.while_loop(lambda i, *_: i + UNROLL <= every_row, together,
+                                              [0, hs, written])
+            _, final, written = tf.while_loop(lambda i, *_: i < steps, one_by_one, [i, final, written])
+            return (tf.concat(final, axis=1),
+                    tf.reshape(tf.transpose(written.stack()), [tf.shape(max_chars)[0], steps]))
 
         # Two loops, so that requests without top_k pay nothing for it at every character.
         final, ids = tf.cond(tf.reduce_any(top_k > 0), lambda: loop(True), lambda: loop(False))
@@ -212,7 +249,8 @@ def make_generator(model, alphabet: list[str]):
     @tf.function(input_signature=[tf.TensorSpec([None, state_size], tf.float32, name="state"),
                                   *per_prompt, tf.TensorSpec([None], tf.int32, name="position")])
     def continue_(state, max_chars, temperature, top_k, seed, position):
-        return write(state, max_chars, temperature, top_k, seed, position)
+        return write(tf.split(state, len(cells), axis=1), max_chars, temperature, top_k, seed,
+                     position)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def score(text):
@@ -229,20 +267,22 @@ def make_generator(model, alphabet: list[str]):
         """The fused step must compute exactly what Keras's cells compute."""
         ids = tf.constant(np.arange(4) % vocab, tf.int32)
         state = tf.random.stateless_normal([4, units * len(cells)], seed=[1, 2])
-        error = tf.reduce_max(tf.abs(step(ids, state, input_table()) - keras_step(ids, state)))
+        fused = tf.concat(step(ids, tf.split(state, len(cells), axis=1), read_weights()), axis=1)
+        error = tf.reduce_max(tf.abs(fused - keras_step(ids, state)))
         if float(error) > 1e-4:
             raise AssertionError(f"the fused GRU step differs from Keras's cells by {float(error)}")
 
     check_step()
-    return generate, continue_, score
+    return generate, continue_, score, [char_inputs]
 
 
 def export(model, alphabet: list[str], export_dir: Path) -> None:
     import keras
 
-    generate, continue_, score = make_generator(model, alphabet)
+    generate, continue_, score, generation_variables = make_generator(model, alphabet)
     archive = keras.export.ExportArchive()
     archive.track(model)
+    archive.add_variable_collection("generation_variables", generation_variables)
     archive.add_endpoint("serving_default", generate)
     archive.add_endpoint("continue", continue_)
     archive.add_endpoint("score", score)
