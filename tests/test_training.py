@@ -54,6 +54,60 @@ def test_export_runs_in_a_fresh_process_through_the_session_loader(trained):
     assert (predicted == splits.y_test[:8]).sum() >= 6
 
 
+def test_serving_graph_folds_batch_norm_and_computes_what_keras_computes():
+    """The export serves an inference graph with every batch norm folded into the layer before
+    it; it must compute what the Keras model computes, and the check must see a difference."""
+    import keras
+
+    from training import digits
+    from training.mnist_data import load_digits
+
+    keras.utils.set_random_seed(3)
+    model = digits.build_model()
+    rng = np.random.default_rng(3)
+    for layer in model.layers:  # batch norm statistics far from the identity, as after training
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.05, 4, layer.moving_variance.shape))
+            layer.beta.assign(rng.normal(0, 0.3, layer.beta.shape))
+    steps, variables = digits.inference_graph(model)
+    images = load_digits("mnist-5k").x_val[:32]
+    assert not any(isinstance(step, keras.layers.BatchNormalization) for step in steps)
+    assert len(variables) == 8  # a kernel and an offset for each of the 4 folded pairs
+    assert digits.check_inference_graph(model, steps, images) < digits.MAX_SERVING_GRAPH_ERROR / 10
+
+    variables[1].assign(variables[1].numpy() * 1.001)  # the first offset 0.1% off: export refuses
+    assert digits.check_inference_graph(model, steps, images) > digits.MAX_SERVING_GRAPH_ERROR * 3
+
+    # A layer with a bias, a norm with a scale, an odd kernel and stride: folded just as well.
+    image = keras.Input((28, 28), name="image")
+    x = keras.layers.Reshape((28, 28, 1))(image)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=True)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.ReLU()(x)))
+    other = keras.Model(image, x)
+    conv, norm = other.layers[2], other.layers[3]
+    conv.bias.assign(rng.normal(0, 0.3, conv.bias.shape))
+    norm.gamma.assign(rng.uniform(0.5, 2, 8))
+    norm.beta.assign(rng.normal(0, 0.3, 8))
+    norm.moving_mean.assign(rng.normal(0, 0.5, 8))
+    norm.moving_variance.assign(rng.uniform(0.05, 4, 8))
+    steps, variables = digits.inference_graph(other)
+    assert len(variables) == 2
+    assert digits.check_inference_graph(other, steps, images) < digits.MAX_SERVING_GRAPH_ERROR / 10
+
+
+def test_export_runs_no_batch_norm_arithmetic(trained):
+    """The served graph has the folded layers only: no Rsqrt, Mul or Sub of a batch norm."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((trained.version_dir / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node} | {node.op for f in graph.library.function for node in f.node_def}
+    assert {"Conv2D", "Pad", "BiasAdd", "Relu", "Softmax"} <= ops
+    assert not ops & {"Rsqrt", "Mul", "Sub", "FusedBatchNorm", "FusedBatchNormV3"}
+
+
 def test_signature_matches_the_design(trained):
     show = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show",
                            "--dir", str(trained.version_dir), "--tag_set", "serve",

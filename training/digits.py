@@ -28,6 +28,7 @@ LR_MAX, LR_MIN = 0.02, 0.0001
 DROPOUT = 0.25
 MAX_REGRESSION = 0.001  # a new version may be at most 0.1 point worse than the pushed one
 SEED = 42
+MAX_SERVING_GRAPH_ERROR = 1e-5  # relative; see check_inference_graph
 
 
 def build_model():
@@ -89,17 +90,100 @@ def augment(images, seed: int):
     return images.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def export(model, export_dir: Path) -> None:
-    """SavedModel with serving_default: image [b, 28, 28] -> probabilities [b, 10], digit [b]."""
+def inference_graph(model):
+    """`model`'s forward pass for serving, with less work per image: its steps, one per layer
+    or folded pair of layers (the last is the model's own last layer), and the variables it adds.
+
+    Each batch norm is folded into the layer before it (kernel times 1/sqrt(var + eps) per output
+    channel, and an offset), so that Grappler fuses every layer into one op with its bias and
+    ReLU (_FusedConv2D, _FusedMatMul) instead of running the norm's four ops. "same" padding
+    becomes an explicit pad and a "valid" convolution: TensorFlow's CPU convolution with the
+    6x6 kernel's uneven padding is about a quarter slower. Together about 18% less CPU per
+    image. The folded weights are computed once, here, and saved with the export."""
     import keras
     import tensorflow as tf
 
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    steps, variables, i = [], [], 0
+    while i < len(layers):
+        layer = layers[i]
+        norm = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and isinstance(
+                norm, keras.layers.BatchNormalization):
+            if layer.activation is not keras.activations.linear:
+                raise ValueError(f"cannot fold {norm.name}: {layer.name} has an activation")
+            # norm(x W + b) = x (W s) + (b - mean) s + beta, with s = gamma / sqrt(var + eps)
+            scale = (norm.gamma.numpy() if norm.scale else 1.0) / np.sqrt(
+                norm.moving_variance.numpy() + norm.epsilon)
+            offset = ((layer.bias.numpy() if layer.use_bias else 0.0) - norm.moving_mean.numpy()) * scale
+            kernel = keras.Variable(layer.kernel.numpy() * scale, trainable=False,
+                                    name=f"{layer.name}_folded")
+            bias = keras.Variable(offset + (norm.beta.numpy() if norm.center else 0.0), trainable=False,
+                                  name=f"{norm.name}_offset")
+            variables += [kernel, bias]
+            if isinstance(layer, keras.layers.Conv2D):
+                if layer.padding != "same" or layer.data_format != "channels_last":
+                    raise ValueError(f"{layer.name}: only channels-last 'same' convolutions are folded")
+                pads = [[0, 0], *(same_padding(size, k, stride) for size, k, stride in zip(
+                    layer.input.shape[1:3], layer.kernel_size, layer.strides, strict=True)), [0, 0]]
+                steps.append(lambda x, kernel=kernel, bias=bias, strides=layer.strides, pads=pads:
+                             tf.nn.bias_add(tf.nn.conv2d(tf.pad(x, pads), kernel, strides, "VALID"), bias))
+            else:
+                steps.append(lambda x, kernel=kernel, bias=bias: tf.nn.bias_add(tf.matmul(x, kernel), bias))
+            i += 2
+            continue
+        if isinstance(layer, (keras.layers.Reshape, keras.layers.ReLU, keras.layers.Flatten,
+                              keras.layers.Dense)):
+            steps.append(layer)  # as Keras computes them; the last Dense keeps its bias and softmax
+        elif not isinstance(layer, keras.layers.Dropout):  # dropout does nothing when serving
+            raise ValueError(f"no inference form for layer {layer.name} ({type(layer).__name__})")
+        i += 1
+    return steps, variables
+
+
+def same_padding(size: int, kernel: int, stride: int) -> list[int]:
+    """TensorFlow's "same" padding of one dimension, as [before, after]."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return [total // 2, total - total // 2]
+
+
+def run_steps(steps, x):
+    for step in steps:
+        x = step(x)
+    return x
+
+
+def check_inference_graph(model, steps, images: np.ndarray) -> float:
+    """The largest difference between what the serving graph and the Keras model compute from
+    `images` for the model's last layer to read, relative to its largest value. Compared before
+    the softmax, which saturates and would hide a difference."""
+    import keras
+    import tensorflow as tf
+
+    if steps[-1] is not model.layers[-1]:
+        raise ValueError("the serving graph must end with the model's own last layer")
+    want = keras.Model(model.input, model.layers[-1].input)(images, training=False).numpy()
+    got = run_steps(steps[:-1], tf.constant(images)).numpy()
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+
+
+def export(model, export_dir: Path, check_images: np.ndarray) -> None:
+    """SavedModel with serving_default: image [b, 28, 28] -> probabilities [b, 10], digit [b].
+    The serving graph is checked against the Keras model on `check_images` first."""
+    import keras
+    import tensorflow as tf
+
+    steps, variables = inference_graph(model)
+    error = check_inference_graph(model, steps, check_images)
+    if error > MAX_SERVING_GRAPH_ERROR:
+        raise AssertionError(f"the serving graph differs from the Keras model by {error:.2e} (relative)")
     archive = keras.export.ExportArchive()
     archive.track(model)
+    archive.add_variable_collection("serving_variables", variables)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.float32, name="image")])
     def serve(image):
-        probabilities = model(image, training=False)
+        probabilities = run_steps(steps, image)
         return {"probabilities": probabilities,
                 "digit": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
@@ -185,7 +269,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
-    export(model, export_dir)
+    export(model, export_dir, check_images=splits.x_val[:64])
     pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
                            ["probabilities", "digit"])
     test_accuracy = accuracy_of_export(export_dir, splits.x_test, splits.y_test)
