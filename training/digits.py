@@ -94,8 +94,8 @@ def inference_graph(model):
     """`model`'s forward pass for serving, with less work per image: its steps, one per layer
     or folded pair of layers (the last is the model's own last layer), and the variables it adds.
 
-    Each batch norm is folded into the layer before it (kernel times 1/sqrt(var + eps) per output
-    channel, and an offset), so that Grappler fuses every layer into one op with its bias and
+    Each batch norm is folded into the layer before it (kernel times gamma / sqrt(var + eps) per
+    output channel, and an offset), so that Grappler fuses every layer into one op with its bias and
     ReLU (_FusedConv2D, _FusedMatMul) instead of running the norm's four ops. "same" padding
     becomes an explicit pad and a "valid" convolution: TensorFlow's CPU convolution with the
     6x6 kernel's uneven padding is about a quarter slower. Together about 18% less CPU per
@@ -122,8 +122,9 @@ def inference_graph(model):
                                   name=f"{norm.name}_offset")
             variables += [kernel, bias]
             if isinstance(layer, keras.layers.Conv2D):
-                if layer.padding != "same" or layer.data_format != "channels_last":
-                    raise ValueError(f"{layer.name}: only channels-last 'same' convolutions are folded")
+                if (layer.padding != "same" or layer.data_format != "channels_last"
+                        or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1):
+                    raise ValueError(f"{layer.name}: only plain channels-last 'same' convolutions are folded")
                 pads = [[0, 0], *(same_padding(size, k, stride) for size, k, stride in zip(
                     layer.input.shape[1:3], layer.kernel_size, layer.strides, strict=True)), [0, 0]]
                 steps.append(lambda x, kernel=kernel, bias=bias, strides=layer.strides, pads=pads:
