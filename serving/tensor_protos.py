@@ -18,12 +18,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 
-_NUMERIC = (np.float32, np.float64, np.int32, np.int64, np.uint8)  # where TF writes tensor_content
-TO_ENUM = {np.dtype(t): tf.dtypes.as_dtype(t).as_datatype_enum for t in _NUMERIC}
-FROM_ENUM = {enum: dtype for dtype, enum in TO_ENUM.items()}
+# The numeric dtypes handled here, each with the typed field where TF writes a single value (more
+# values go to tensor_content).
 VALUE_FIELD = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
                np.dtype(np.int32): "int_val", np.dtype(np.uint8): "int_val",
-               np.dtype(np.int64): "int64_val"}  # where TF writes single values
+               np.dtype(np.int64): "int64_val"}
+TO_ENUM = {dtype: tf.dtypes.as_dtype(dtype).as_datatype_enum for dtype in VALUE_FIELD}
+FROM_ENUM = {enum: dtype for dtype, enum in TO_ENUM.items()}
 LITTLE_ENDIAN = sys.byteorder == "little"
 # gRPC's message limit for the gateway's calls and the embedded model server, above gRPC's 4 MB
 # default like TF Serving's own server. No tensor read here may be larger: typed values may be
