@@ -26,9 +26,9 @@ class Settings:
     model_dir: str = str(ROOT / "models")  # local folder for the config's /models base paths
     poll_seconds: float = 1.0  # embedded server: how often to look for new versions
     intra_op_threads: int = 1  # embedded server: TensorFlow threads per op (0: TF's default)
-    # embedded server: TensorFlow's inter-op threads; -1 runs each model call on the thread that
-    # makes it, with no hand-off to a pool (0: TF's default pool)
-    inter_op_threads: int = -1
+    # embedded server: TensorFlow's inter-op threads (0: TF's default pool, one thread per core, as
+    # TF Serving); -1 runs each model call on the thread that makes it, with no hand-off to a pool
+    inter_op_threads: int = 0
     batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
     # Digit Predict calls running at once per gateway process (and model pin); requests arriving

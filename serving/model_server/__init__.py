@@ -76,11 +76,13 @@ def read_monitoring_config(path: str | Path) -> str | None:
 def configure_threads(intra_op: int = 0, inter_op: int = 0) -> bool:
     """TF Serving's --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0 keeps
     TensorFlow's default). One intra-op thread makes in-graph generation, a long chain of tiny ops,
-    about 2.8x as fast here; requests still run in parallel on the server's threads. A negative
-    inter-op count runs each session run on its caller's thread (TensorFlow's own meaning): no
-    hand-off to a pool whose idle threads spin, so a digit costs 0.93 ms of CPU instead of 1.3-2.5,
-    and in-graph generation runs about 1.2x as fast on one core instead of 1.7. Returns False when
-    TensorFlow had already started in this process and kept its settings."""
+    about 2.8x as fast here; requests still run in parallel on the server's threads. The inter-op
+    pool (TensorFlow's default, one thread per core) runs the independent ops of one call at the
+    same time: in a generation, each GRU layer's recurrent product for the next character runs
+    beside the chain that samples this one, 1.75x as fast as on the caller's thread (-1), for about
+    10% more CPU per character. Digit calls are a single chain and neither gain nor lose over HTTP
+    (docs/benchmarks.md). Returns False when TensorFlow had already started in this process and
+    kept its settings."""
     import tensorflow as tf
 
     try:
