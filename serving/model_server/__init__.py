@@ -79,10 +79,11 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0) -> bool:
     about 2.8x as fast here; requests still run in parallel on the server's threads. The inter-op
     pool (TensorFlow's default, one thread per core) runs the independent ops of one call at the
     same time: in a generation, each GRU layer's recurrent product for the next character runs
-    beside the chain that samples this one, 1.75x as fast as on the caller's thread (-1), for about
-    10% more CPU per character. A digit call is a single chain: the hand-off costs it 6 to 11% more
-    CPU in-process, which disappears in the noise over HTTP (docs/benchmarks.md). Returns False
-    when TensorFlow had already started in this process and kept its settings."""
+    beside the chain that samples this one: about 1.6x as fast through the model server as on the
+    caller's thread (-1), for about 11% more CPU per character. A digit call is a single chain:
+    the hand-off costs it 6 to 11% more CPU in-process, which disappears in the noise over HTTP
+    (docs/benchmarks.md). Returns False when TensorFlow had already started in this process and
+    kept its settings."""
     import tensorflow as tf
 
     try:
