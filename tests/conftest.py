@@ -122,3 +122,21 @@ def gateway(trained, trained_bard, tmp_path_factory):
     live.wait_for_model("bard")
     yield live
     live.close()
+
+
+def wait_for_readyz(url: str, status: int, timeout: float,
+                    request_timeout: float = 10) -> tuple[float, float | None]:
+    """Poll /readyz until it answers `status`. Returns when it did, and when it first showed
+    the gateway talking to a model server again (an answer other than "model server: ...")."""
+    reconnected = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = requests.get(url + "/readyz", timeout=request_timeout)
+        now = time.monotonic()
+        reasons = [m.get("reason", "") for m in response.json()["models"]]
+        if reconnected is None and not any(r.startswith("model server:") for r in reasons):
+            reconnected = now
+        if response.status_code == status:
+            return now, reconnected
+        time.sleep(0.05)
+    raise AssertionError(f"/readyz did not answer {status} within {timeout:.0f} s")

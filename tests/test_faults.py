@@ -17,7 +17,7 @@ import time
 from collections import Counter
 
 import requests
-from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base, free_port
+from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base, free_port, wait_for_readyz
 from drawings import draw_digit, png_bytes
 from reliability import record, rss_mb
 
@@ -25,6 +25,7 @@ CYCLES = 3
 CLIENTS = 4
 MODEL_TIMEOUT = 2.0  # the gateway's deadline for each gRPC call
 MARGIN = 5.0  # a failure may take the deadline plus this (a shared, noisy machine)
+READYZ_TIMEOUT = MODEL_TIMEOUT + MARGIN  # for each /readyz request
 DOWN_SECONDS = 8.0  # dead this long after /readyz noticed: gRPC's default backoff would reach 10 s+
 RECOVERY_BOUND = 120.0  # restart -> first 200: process start, TensorFlow import, model load
 RECONNECT_BOUND = 5.0  # port bound -> gateway connected; model loaded -> first 200 through it
@@ -69,23 +70,6 @@ class ModelServerProcess:
         self.process.wait(timeout=30)
 
 
-def wait_for_readyz(url: str, status: int, timeout: float) -> tuple[float, float | None]:
-    """Poll /readyz until it answers `status`. Returns when it did, and when it first showed
-    the gateway talking to a model server again (an answer other than "model server: ...")."""
-    reconnected = None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = requests.get(url + "/readyz", timeout=MODEL_TIMEOUT + MARGIN)
-        now = time.monotonic()
-        reasons = [m.get("reason", "") for m in response.json()["models"]]
-        if reconnected is None and not any(r.startswith("model server:") for r in reasons):
-            reconnected = now
-        if response.status_code == status:
-            return now, reconnected
-        time.sleep(0.05)
-    raise AssertionError(f"/readyz did not answer {status} within {timeout:.0f} s")
-
-
 def test_killed_model_server_gives_clean_errors_and_the_gateway_recovers_by_itself(trained, tmp_path):
     base = copy_model_base(trained, tmp_path / "models")
     config = tmp_path / "models.config"
@@ -121,7 +105,7 @@ def test_killed_model_server_gives_clean_errors_and_the_gateway_recovers_by_itse
     cycles = []
     try:
         server.wait_loaded(RECOVERY_BOUND)
-        wait_for_readyz(live.url, 200, RECOVERY_BOUND)
+        wait_for_readyz(live.url, 200, RECOVERY_BOUND, READYZ_TIMEOUT)
         for thread in threads:
             thread.start()
         time.sleep(1.0)
@@ -132,13 +116,13 @@ def test_killed_model_server_gives_clean_errors_and_the_gateway_recovers_by_itse
             served_before = sum(1 for o in list(outcomes) if o[1] == 200 and o[0] > steady)
             server.kill()
             killed = time.monotonic()
-            readyz_503, _ = wait_for_readyz(live.url, 503, MODEL_TIMEOUT + MARGIN)
+            readyz_503, _ = wait_for_readyz(live.url, 503, MODEL_TIMEOUT + MARGIN, READYZ_TIMEOUT)
             time.sleep(DOWN_SECONDS)
             server.start()
             restarted = time.monotonic()
             # Requests sent and answered while nothing listened on the model server's port.
             dead_outcomes = [o for o in list(outcomes) if readyz_503 < o[0] - o[2] and o[0] < restarted]
-            readyz_200, reconnected = wait_for_readyz(live.url, 200, RECOVERY_BOUND)
+            readyz_200, reconnected = wait_for_readyz(live.url, 200, RECOVERY_BOUND, READYZ_TIMEOUT)
             bound, loaded = server.wait_loaded(RECOVERY_BOUND)
             deadline = time.monotonic() + RECOVERY_BOUND
             while time.monotonic() < deadline and not any(

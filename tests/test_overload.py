@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, copy_model_base, free_port
+from conftest import ROOT, copy_model_base, free_port, wait_for_readyz
 from drawings import chunked, padded_png
 from reliability import record, rss_mb
 
@@ -332,9 +332,7 @@ def test_no_socket_folder_outlives_its_worker(trained, trained_bard, tmp_path):
         while folder.exists():
             assert time.monotonic() < deadline, "the killed worker's socket folder is still there"
             time.sleep(0.1)
-        while requests.get(live.url + "/readyz", timeout=10).status_code != 200:  # its replacement
-            assert time.monotonic() < deadline + 120, "no worker came back"
-            time.sleep(0.3)
+        wait_for_readyz(live.url, 200, deadline + 120 - time.monotonic())  # its replacement
     finally:
         live.stop()
     assert live.process.returncode == 0, live.log.read_text()[-3000:]
@@ -440,8 +438,4 @@ def test_a_stalled_worker_does_not_hold_up_new_clients(two_workers):
             connection.close()
     # The thawed worker's embedded model server may answer its first status call late (its
     # timers all fire at once): a 503 for a moment, then ready again.
-    deadline = time.monotonic() + 15
-    while (response := requests.get(two_workers.url + "/readyz", timeout=10)).status_code != 200:
-        assert time.monotonic() < deadline, response.text
-        time.sleep(0.2)
-    assert response.status_code == 200
+    wait_for_readyz(two_workers.url, 200, 15)
