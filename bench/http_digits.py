@@ -8,7 +8,10 @@ p50/p90/p99 latency for:
   c. the floor: the gateway's server stack decoding and preprocessing the image, answering
      without a model.
 Also the gateway's cold start (process start to /readyz 200) and the peak memory (RSS of the
-whole gunicorn process tree) at 64 concurrent clients.
+whole gunicorn process tree) at 64 concurrent clients; and, since each of those gateway workers
+holds its own embedded model server, the peak memory of the gateway and of the model server
+apart, as docker-compose.yml runs them: the model server in its own process with compose's
+flags, the gateway calling it over TCP (one pass of wrk at 64 clients).
 
 All the servers run side by side for the whole benchmark and are measured in --rounds
 interleaved rounds, each in a different order. Every figure is the median of its rounds, and
@@ -156,6 +159,35 @@ class Server:
             self.process.wait()
 
 
+def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: Path,
+                  seconds: float) -> dict:
+    """Peak RSS of the gateway and of the model server, each on its own, at 64 clients: the
+    model server as its own process with the flags of docker-compose.yml's tfserving service (its
+    REST API and monitoring off: they take no part in a Predict call), the gateway's workers
+    calling it over TCP, as the compose gateway calls tfserving:8500."""
+    grpc_port, port = free_port(), free_port()
+    config = ROOT / "serving"
+    model_server = Server("model server", [
+        sys.executable, "-m", "serving.model_server", f"--port={grpc_port}",
+        f"--model_config_file={config / 'models.config'}", "--model_config_file_poll_wait_seconds=60",
+        "--file_system_poll_wait_seconds=5", "--enable_batching=true",
+        f"--batching_parameters_file={config / 'batching.config'}", "--enable_model_warmup=true",
+        f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
+    gateway_env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}"}
+    gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
+    try:
+        gateway.wait_until_answering(body)  # once the model server has loaded the digits model
+        wrk(gateway.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
+        with PeakMemory(gateway.process.pid) as gateway_memory, \
+                PeakMemory(model_server.process.pid) as server_memory:
+            point = wrk(gateway.url + "/v1/digits/predict", CONCURRENCY[-1], seconds, body_file)
+    finally:
+        gateway.stop()
+        model_server.stop()
+    return {"connections": CONCURRENCY[-1], "gateway_peak_rss_mb": round(gateway_memory.peak, 1),
+            "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
+
+
 def gunicorn(app: str, port: int) -> list[str]:
     return [str(BIN / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "16", "-b",
             f"127.0.0.1:{port}", "--timeout", "120", app]
@@ -243,6 +275,8 @@ def main() -> int:
     finally:
         server.stop()
 
+    results["apart"] = measure_apart(args.model_base, gateway_env, body, body_file, args.seconds)
+
     s = results["servers"]
     at16 = {name: s[name]["points"][16] for name in s}
     gateway = at16["scribe, batching on"]
@@ -268,6 +302,10 @@ def main() -> int:
         print(f"{name:24s} " + " ".join(f"{at[c]['rps']:9.1f}" for c in CONCURRENCY)
               + f"   {at[16]['p50_ms']:6.1f} / {at[16]['p99_ms']:6.1f} ms   {server['peak_rss_mb']:8.0f} MB")
     print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
+    apart = results["apart"]
+    print(f"apart, as in docker-compose, at c=64 (one pass): gateway {apart['gateway_peak_rss_mb']:.0f} MB, "
+          f"model server {apart['model_server_peak_rss_mb']:.0f} MB, {apart['rps']:.1f} req/s, "
+          f"p99 {apart['p99_ms']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
