@@ -12,6 +12,7 @@ TensorFlow's own functions.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -56,7 +57,7 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     if dtype is None or not LITTLE_ENDIAN:
         return tf.make_ndarray(proto)
     shape = [d.size for d in proto.tensor_shape.dim]
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: numpy's product of int64s wraps around for huge shapes
     if count * dtype.itemsize > MAX_MESSAGE_BYTES:
         raise ValueError(f"a tensor of shape {shape} is larger than a Predict message may carry")
     if proto.tensor_content:
