@@ -32,6 +32,7 @@ from serving.model_server import (
     start_model_server,
 )
 from serving.model_server.batching import DynamicBatcher
+from serving.preprocess import warm_up as warm_up_preprocessing
 from serving.security import install_security
 
 log = logging.getLogger("scribe.gateway")
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(digits)
     app.register_blueprint(text)
+    warm_up_preprocessing()  # the first drawing is then as quick to read as the hundredth
 
     @app.get("/")
     def drawing_page():

@@ -11,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 BOX = 20  # MNIST's size-normalised box
 FIELD = 28
@@ -124,6 +124,21 @@ def border_median(grey: np.ndarray) -> float:
         return float(np.partition(border, middle)[middle])
     low, high = np.partition(border, (middle - 1, middle))[middle - 1:middle + 1]
     return float((low + high) / 2)
+
+
+def warm_up() -> None:
+    """Pay the one-time costs of reading a drawing at start-up rather than in the first user's
+    request. Pillow imports its image format plugins on first use (16 ms for the first PNG here,
+    more for a format outside its five most common), and the first pass of each kind of image
+    through the preprocessing costs about twice a later one. The drawings read here are the
+    page's (a 280x280 canvas, RGBA) and the same in RGB."""
+    Image.init()
+    for mode in ("RGBA", "RGB"):
+        canvas = Image.new(mode, (10 * FIELD, 10 * FIELD), "white")
+        ImageDraw.Draw(canvas).line([(70, 50), (210, 50), (120, 240)], fill="black", width=18)
+        buffer = io.BytesIO()
+        canvas.save(buffer, format="PNG")
+        preprocess_drawing(decode_image(buffer.getvalue(), canvas.width * canvas.height))
 
 
 def preprocess_pixels(pixels) -> np.ndarray:
