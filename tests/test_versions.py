@@ -3,12 +3,14 @@
 import logging
 import shutil
 
+import numpy as np
 import pytest
 from conftest import DIGITS_CONFIG, copy_model_base
 from reliability import record
 
 from serving.model_server import read_model_config
 from serving.model_server.servables import AVAILABLE, END, ServableManager, ServingError
+from training.pipeline import write_warmup_requests
 
 
 def manager_for(base, tmp_path, policy: str = "", labels: str = "") -> ServableManager:
@@ -40,7 +42,13 @@ def truncate_variables(version):  # a copy that stopped half way through the wei
     data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_graph, truncate_variables])
+def fail_warmup(version):
+    """A sound model whose warmup record asks for 5x5 images: it can only fail if the model
+    server runs the version's warmup records before it serves the version, as TF Serving does."""
+    write_warmup_requests(version, "digits", [{"image": np.zeros((1, 5, 5), np.float32)}])
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_graph, truncate_variables, fail_warmup])
 def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
         trained, tmp_path, caplog, corrupt):
     base = copy_model_base(trained, tmp_path / "models")
