@@ -7,11 +7,13 @@ p50/p90/p99 latency for:
   b. the tutorial baseline: Flask calling Keras `model.predict` per request (same model);
   c. the floor: the gateway's server stack decoding and preprocessing the image, answering
      without a model.
-Also the gateway's cold start (process start to /readyz 200) and the peak memory (RSS of the
-whole gunicorn process tree) at 64 concurrent clients; and, since each of those gateway workers
-holds its own embedded model server, the peak memory of the gateway and of the model server
-apart, as docker-compose.yml runs them: the model server in its own process with compose's
-flags, the gateway calling it over TCP (one pass of wrk at 64 clients).
+Also the gateway's cold start (process start to /readyz 200), its first requests after it
+against the next hundred (with the versions' warmup records, and on a copy without them), and
+the peak memory (RSS of the whole gunicorn process tree) at 64 concurrent clients; and, since
+each of those gateway workers holds its own embedded model server, the peak memory of the
+gateway and of the model server apart, as docker-compose.yml runs them: the model server in its
+own process with compose's flags, the gateway calling it over TCP (one pass of wrk at 64
+clients).
 
 All the servers run side by side for the whole benchmark and are measured in --rounds
 interleaved rounds, each in a different order. Every figure is the median of its rounds, and
@@ -188,6 +190,36 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
             "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
 
 
+WARMUP_RECORDS = "tf_serving_warmup_requests"  # in each version's assets.extra
+FOLLOWING = 100
+
+
+def first_requests(url: str, body: bytes) -> dict:
+    """Milliseconds for the first digits request and the first generation after /readyz 200,
+    each on a new connection, against the median and the slowest of the FOLLOWING after it (a
+    worker that had not answered yet takes some of those: its own first one is among them)."""
+    calls = {
+        "digits": lambda: requests.post(url + "/v1/digits/predict", data=body, timeout=30,
+                                        headers={"Content-Type": "image/png"}),
+        "generation of 100 characters": lambda: requests.post(
+            url + "/v1/text/generate", json={"prompt": "ROMEO:", "max_chars": 100, "seed": 1}, timeout=30),
+    }
+    figures = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(1 + FOLLOWING):
+            started = time.perf_counter()
+            response = call()
+            times.append((time.perf_counter() - started) * 1000)
+            if response.status_code != 200:
+                raise RuntimeError(f"{name}: HTTP {response.status_code} {response.text[:300]}")
+        following = times[1:]
+        figures[name] = {"first_ms": round(times[0], 1),
+                         "following_median_ms": round(statistics.median(following), 1),
+                         "following_slowest_ms": round(max(following), 1)}
+    return figures
+
+
 def gunicorn(app: str, port: int) -> list[str]:
     return [str(BIN / "gunicorn"), "-w", "2", "-k", "gthread", "--threads", "16", "-b",
             f"127.0.0.1:{port}", "--timeout", "120", app]
@@ -266,14 +298,23 @@ def main() -> int:
                   for c, runs in by_connections.items()}
         results["servers"][name] = {"peak_rss_mb": round(peaks[name], 1), "points": points}
 
-    # Cold start: process start to /readyz 200 (every configured model AVAILABLE).
-    port = free_port()
-    server = Server("cold start", [sys.executable, "-m", "serving"], {**gateway_env, "PORT": str(port)}, port)
-    try:
-        cold = server.wait_until_ready()
-        results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
-    finally:
-        server.stop()
+    # Cold start: process start to /readyz 200 (every configured model AVAILABLE), then the first
+    # requests against the next ones; then the same on a copy of the versions without their
+    # warmup records, to show what those are worth.
+    without_warmup = Path(tempfile.mkdtemp()) / "models"
+    shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_RECORDS))
+    for key, model_dir in (("warmup records", args.model_base), ("no warmup records", without_warmup)):
+        port = free_port()
+        env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(model_dir.resolve())}
+        server = Server("cold start", [sys.executable, "-m", "serving"], env, port)
+        try:
+            cold = server.wait_until_ready()
+            if key == "warmup records":
+                results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
+            results.setdefault("first_requests", {})[key] = first_requests(server.url, body)
+        finally:
+            server.stop()
+    shutil.rmtree(without_warmup.parent, ignore_errors=True)
 
     results["apart"] = measure_apart(args.model_base, gateway_env, body, body_file, args.seconds)
 
@@ -302,6 +343,10 @@ def main() -> int:
         print(f"{name:24s} " + " ".join(f"{at[c]['rps']:9.1f}" for c in CONCURRENCY)
               + f"   {at[16]['p50_ms']:6.1f} / {at[16]['p99_ms']:6.1f} ms   {server['peak_rss_mb']:8.0f} MB")
     print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
+    for key, figures in results["first_requests"].items():
+        print(f"first requests after a cold start, {key}: " + "; ".join(
+            f"{name} {f['first_ms']:.1f} ms (the next {FOLLOWING}: median {f['following_median_ms']:.1f}, "
+            f"slowest {f['following_slowest_ms']:.1f})" for name, f in figures.items()))
     apart = results["apart"]
     print(f"apart, as in docker-compose, at c=64 (one pass): gateway {apart['gateway_peak_rss_mb']:.0f} MB, "
           f"model server {apart['model_server_peak_rss_mb']:.0f} MB, {apart['rps']:.1f} req/s, "
