@@ -169,23 +169,26 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
     calling it over TCP, as the compose gateway calls tfserving:8500."""
     grpc_port, port = free_port(), free_port()
     config = ROOT / "serving"
-    model_server = Server("model server", [
-        sys.executable, "-m", "serving.model_server", f"--port={grpc_port}",
-        f"--model_config_file={config / 'models.config'}", "--model_config_file_poll_wait_seconds=60",
-        "--file_system_poll_wait_seconds=5", "--enable_batching=true",
-        f"--batching_parameters_file={config / 'batching.config'}", "--enable_model_warmup=true",
-        f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
     gateway_env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}"}
-    gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
+    servers = []
     try:
+        model_server = Server("model server", [
+            sys.executable, "-m", "serving.model_server", f"--port={grpc_port}",
+            f"--model_config_file={config / 'models.config'}", "--model_config_file_poll_wait_seconds=60",
+            "--file_system_poll_wait_seconds=5", "--enable_batching=true",
+            f"--batching_parameters_file={config / 'batching.config'}", "--enable_model_warmup=true",
+            f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
+        servers.append(model_server)
+        gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
+        servers.append(gateway)
         gateway.wait_until_answering(body)  # once the model server has loaded the digits model
         wrk(gateway.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
         with PeakMemory(gateway.process.pid) as gateway_memory, \
                 PeakMemory(model_server.process.pid) as server_memory:
             point = wrk(gateway.url + "/v1/digits/predict", CONCURRENCY[-1], seconds, body_file)
     finally:
-        gateway.stop()
-        model_server.stop()
+        for server in servers:
+            server.stop()
     return {"connections": CONCURRENCY[-1], "gateway_peak_rss_mb": round(gateway_memory.peak, 1),
             "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
 
@@ -195,9 +198,10 @@ FOLLOWING = 100
 
 
 def first_requests(url: str, body: bytes) -> dict:
-    """Milliseconds for the first digits request and the first generation after /readyz 200,
-    each on a new connection, against the median and the slowest of the FOLLOWING after it (a
-    worker that had not answered yet takes some of those: its own first one is among them)."""
+    """Milliseconds for the first digits request after /readyz 200, then for the first
+    generation, each on a new connection, against the median and the slowest of the FOLLOWING
+    after each (a worker that had not answered yet takes some of those: its own first one is
+    among them)."""
     calls = {
         "digits": lambda: requests.post(url + "/v1/digits/predict", data=body, timeout=30,
                                         headers={"Content-Type": "image/png"}),
@@ -301,22 +305,31 @@ def main() -> int:
     # Cold start: process start to /readyz 200 (every configured model AVAILABLE), then the first
     # requests against the next ones; then the same on a copy of the versions without their
     # warmup records, to show what those are worth.
-    without_warmup = Path(tempfile.mkdtemp()) / "models"
-    shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_RECORDS))
-    for key, model_dir in (("warmup records", args.model_base), ("no warmup records", without_warmup)):
-        port = free_port()
-        env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(model_dir.resolve())}
-        server = Server("cold start", [sys.executable, "-m", "serving"], env, port)
-        try:
-            cold = server.wait_until_ready()
-            if key == "warmup records":
-                results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
-            results.setdefault("first_requests", {})[key] = first_requests(server.url, body)
-        finally:
-            server.stop()
-    shutil.rmtree(without_warmup.parent, ignore_errors=True)
-
-    results["apart"] = measure_apart(args.model_base, gateway_env, body, body_file, args.seconds)
+    # A failure here is reported, and the figures above are still written.
+    failed = False
+    results["first_requests"] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        without_warmup = Path(folder) / "models"
+        shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_RECORDS))
+        for key, model_dir in (("warmup records", args.model_base), ("no warmup records", without_warmup)):
+            port = free_port()
+            env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(model_dir.resolve())}
+            server = Server("cold start", [sys.executable, "-m", "serving"], env, port)
+            try:
+                cold = server.wait_until_ready()
+                if key == "warmup records":
+                    results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
+                if cold is None:
+                    raise TimeoutError("/readyz did not answer 200 in time")
+                results["first_requests"][key] = first_requests(server.url, body)
+            except Exception as error:  # noqa: BLE001 - reported, and the run's figures kept
+                results["first_requests"][key], failed = {"error": repr(error)}, True
+            finally:
+                server.stop()
+    try:
+        results["apart"] = measure_apart(args.model_base, gateway_env, body, body_file, args.seconds)
+    except Exception as error:  # noqa: BLE001 - reported, and the run's figures kept
+        results["apart"], failed = {"error": repr(error)}, True
 
     s = results["servers"]
     at16 = {name: s[name]["points"][16] for name in s}
@@ -344,16 +357,21 @@ def main() -> int:
               + f"   {at[16]['p50_ms']:6.1f} / {at[16]['p99_ms']:6.1f} ms   {server['peak_rss_mb']:8.0f} MB")
     print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
     for key, figures in results["first_requests"].items():
-        print(f"first requests after a cold start, {key}: " + "; ".join(
+        print(f"first requests after a cold start, {key}: " + ("; ".join(
             f"{name} {f['first_ms']:.1f} ms (the next {FOLLOWING}: median {f['following_median_ms']:.1f}, "
-            f"slowest {f['following_slowest_ms']:.1f})" for name, f in figures.items()))
+            f"slowest {f['following_slowest_ms']:.1f})" for name, f in figures.items())
+            if "error" not in figures else f"FAILED: {figures['error']}"))
     apart = results["apart"]
-    print(f"apart, as in docker-compose, at c=64 (one pass): gateway {apart['gateway_peak_rss_mb']:.0f} MB, "
-          f"model server {apart['model_server_peak_rss_mb']:.0f} MB, {apart['rps']:.1f} req/s, "
-          f"p99 {apart['p99_ms']:.1f} ms")
+    if "error" in apart:
+        print(f"apart, as in docker-compose: FAILED: {apart['error']}")
+    else:
+        print(f"apart, as in docker-compose, at c=64 (one pass): "
+              f"gateway {apart['gateway_peak_rss_mb']:.0f} MB, "
+              f"model server {apart['model_server_peak_rss_mb']:.0f} MB, "
+              f"{apart['rps']:.1f} req/s, p99 {apart['p99_ms']:.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(digits)
     app.register_blueprint(text)
-    warm_up_preprocessing()  # the first drawing is then as quick to read as the hundredth
+    warm_up_preprocessing()  # Pillow's plugin imports and first passes: paid here, not by a user
 
     @app.get("/")
     def drawing_page():

@@ -78,7 +78,8 @@ def test_typed_values_beyond_the_shape_or_the_dtype_are_an_error():
 
 
 def test_a_shape_whose_size_overflows_64_bits_is_refused_for_its_size():
-    """2**62 x 8 values: a product in int64 would wrap around to 0 and let the shape through."""
+    """2**62 x 8 values: a product in int64 wraps around to 0, past the size check, and numpy
+    then refuses the shape with a message of its own."""
     proto = tf.make_tensor_proto(np.array([0.5], np.float32))
     proto.tensor_shape.dim[0].size = 2**62
     proto.tensor_shape.dim.add().size = 8
