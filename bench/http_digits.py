@@ -25,7 +25,6 @@ each ratio the median of the ratios within each round.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -41,7 +40,8 @@ import time
 from pathlib import Path
 
 import requests
-from PIL import Image, ImageDraw
+
+from serving.preprocess import sample_drawing
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -52,14 +52,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def drawing_png() -> bytes:
-    image = Image.new("RGB", (280, 280), "white")
-    ImageDraw.Draw(image).line([(70, 50), (210, 50), (120, 240)], fill="black", width=18)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def rss_tree_mb(pid: int) -> float:
@@ -246,7 +238,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("wrk is missing: apt-get install wrk", file=sys.stderr)
         return 1
-    body = drawing_png()
+    body = sample_drawing()
     body_file = Path(tempfile.mkdtemp()) / "drawing.png"
     body_file.write_bytes(body)
     gateway_env = {"SCRIBE_MODEL_DIR": str(args.model_base.resolve()), "SCRIBE_WORKERS": "2",

@@ -126,19 +126,25 @@ def border_median(grey: np.ndarray) -> float:
     return float((low + high) / 2)
 
 
+def sample_drawing(mode: str = "RGB") -> bytes:
+    """A 7 drawn on a white canvas the size of the page's (280x280), as a PNG in `mode` (the page
+    sends RGBA). The warm-up reads it, and the benchmarks post it."""
+    canvas = Image.new(mode, (10 * FIELD, 10 * FIELD), "white")
+    ImageDraw.Draw(canvas).line([(70, 50), (210, 50), (120, 240)], fill="black", width=18)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def warm_up() -> None:
     """Pay the one-time costs of reading a drawing at start-up rather than in the first user's
     request. Pillow imports its image format plugins on first use (16 ms for the first PNG here,
     more for a format outside its five most common), and the first pass of each kind of image
     through the preprocessing costs about twice a later one. The drawings read here are the
-    page's (a 280x280 canvas, RGBA) and the same in RGB."""
+    page's kind (RGBA) and the benchmarks' (RGB)."""
     Image.init()
     for mode in ("RGBA", "RGB"):
-        canvas = Image.new(mode, (10 * FIELD, 10 * FIELD), "white")
-        ImageDraw.Draw(canvas).line([(70, 50), (210, 50), (120, 240)], fill="black", width=18)
-        buffer = io.BytesIO()
-        canvas.save(buffer, format="PNG")
-        preprocess_drawing(decode_image(buffer.getvalue(), canvas.width * canvas.height))
+        preprocess_drawing(decode_image(sample_drawing(mode), (10 * FIELD) ** 2))
 
 
 def preprocess_pixels(pixels) -> np.ndarray:
