@@ -41,6 +41,7 @@ from pathlib import Path
 
 import requests
 
+from serving.model_server.__main__ import compose_command_line
 from serving.preprocess import sample_drawing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,19 +157,15 @@ class Server:
 def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: Path,
                   seconds: float) -> dict:
     """Peak RSS of the gateway and of the model server, each on its own, at 64 clients: the
-    model server as its own process with the flags of docker-compose.yml's tfserving service (its
-    REST API and monitoring off: they take no part in a Predict call), the gateway's workers
-    calling it over TCP, as the compose gateway calls tfserving:8500."""
-    grpc_port, port = free_port(), free_port()
-    config = ROOT / "serving"
+    model server as its own process with the command line of docker-compose.yml's tfserving
+    service, the gateway's workers calling it over TCP, as the compose gateway calls
+    tfserving:8500."""
+    grpc_port, rest_port, port = free_port(), free_port(), free_port()
     gateway_env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}"}
     servers = []
     try:
         model_server = Server("model server", [
-            sys.executable, "-m", "serving.model_server", f"--port={grpc_port}",
-            f"--model_config_file={config / 'models.config'}", "--model_config_file_poll_wait_seconds=60",
-            "--file_system_poll_wait_seconds=5", "--enable_batching=true",
-            f"--batching_parameters_file={config / 'batching.config'}", "--enable_model_warmup=true",
+            sys.executable, "-m", "serving.model_server", *compose_command_line(grpc_port, rest_port),
             f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
         servers.append(model_server)
         gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
@@ -185,7 +182,8 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
             "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
 
 
-WARMUP_RECORDS = "tf_serving_warmup_requests"  # in each version's assets.extra
+# training.pipeline.WARMUP_FILE's name (not imported: bench/training.py shadows that package here)
+WARMUP_RECORDS = "tf_serving_warmup_requests"
 FOLLOWING = 100
 
 

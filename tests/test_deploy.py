@@ -19,6 +19,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.config import Settings
 from serving.model_server import read_batching_parameters, read_model_config, read_monitoring_config
+from serving.model_server.__main__ import compose_command_line
 
 GPU = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
 
@@ -171,15 +172,8 @@ def test_the_tfserving_command_line_serves_through_the_embedded_model_server(
     paths mapped to this checkout and a temporary models folder."""
     base = copy_model_base(trained, tmp_path / "models")
     copy_model_base(trained_bard, base)
-    mounts = {v.split(":")[1]: str(ROOT / v.split(":")[0]) for v in services["tfserving"]["volumes"]
-              if v.startswith(".")}
     grpc_port, rest_port = free_port(), free_port()
-    args = []
-    for arg in services["tfserving"]["command"]:
-        flag, value = arg.split("=", 1)
-        value = mounts.get(value, value)
-        value = {"--port": str(grpc_port), "--rest_api_port": str(rest_port)}.get(flag, value)
-        args.append(f"{flag}={value}")
+    args = compose_command_line(grpc_port, rest_port)
     process = subprocess.Popen([sys.executable, "-m", "serving.model_server", *args,
                                 f"--base_path_map=/models={base}"], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -24,6 +24,24 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def compose_command_line(grpc_port: int, rest_port: int,
+                         compose_file: Path | None = None) -> list[str]:
+    """The flags of docker-compose.yml's tfserving service, for running it here: the container's
+    mounted config files mapped to this checkout, and the given ports. Add
+    --base_path_map=/models=<folder> for the models. Reads YAML: PyYAML, a dev dependency."""
+    import yaml
+
+    from serving.config import ROOT
+
+    compose_file = compose_file or ROOT / "docker-compose.yml"
+    service = yaml.safe_load(compose_file.read_text())["services"]["tfserving"]
+    mounts = {volume.split(":")[1]: str(compose_file.parent / volume.split(":")[0])
+              for volume in service["volumes"] if volume.startswith(".")}
+    ports = {"--port": str(grpc_port), "--rest_api_port": str(rest_port)}
+    flags = (arg.split("=", 1) for arg in service["command"])
+    return [f"{flag}={ports.get(flag, mounts.get(value, value))}" for flag, value in flags]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.model_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
