@@ -1,8 +1,7 @@
 """The usual tutorial baseline: a minimal Flask app that calls Keras `model.predict` on the same
 model for every request (same decoding and preprocessing as the gateway).
 
-    SCRIBE_BENCH_MODEL=models/digits/1 gunicorn -w 2 -k gthread --threads 16 \\
-        'bench.baseline_keras_app:create_app()'
+    SCRIBE_BENCH_MODEL=models/digits/1 gunicorn -w 2 'bench.baseline_keras_app:create_app()'
 """
 
 from __future__ import annotations
