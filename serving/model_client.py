@@ -1,16 +1,12 @@
-"""The gateway's calls to a TF Serving model server: a few honest lines of gRPC each."""
+"""The gateway's calls to a TF Serving model server: a few honest lines of gRPC each, with TF
+Serving's messages from serving/tf_serving_protos.py (no TensorFlow in the gateway)."""
 
 from __future__ import annotations
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
+from serving import tf_serving_protos as api
 from serving.tensor_protos import MAX_MESSAGE_BYTES, from_proto, to_proto
 
 STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
@@ -33,14 +29,19 @@ class ModelClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *RECONNECT_BACKOFF_MS.items(),
         ])
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        # The two methods the gateway calls, as TF Serving's generated stubs define them.
+        self._predict = self.channel.unary_unary(
+            api.PREDICT, request_serializer=api.PredictRequest.SerializeToString,
+            response_deserializer=api.PredictResponse.FromString)
+        self._get_model_status = self.channel.unary_unary(
+            api.GET_MODEL_STATUS, request_serializer=api.GetModelStatusRequest.SerializeToString,
+            response_deserializer=api.GetModelStatusResponse.FromString)
 
     def predict(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
                 label: str | None = None, signature: str = "serving_default",
                 timeout: float | None = None) -> tuple[dict[str, np.ndarray], int]:
         """Call Predict; returns the outputs and the version that answered."""
-        request = predict_pb2.PredictRequest()
+        request = api.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = signature
         if version is not None:
@@ -48,16 +49,16 @@ class ModelClient:
         elif label:
             request.model_spec.version_label = label
         for key, value in inputs.items():
-            request.inputs[key].CopyFrom(to_proto(value))
-        response = self.predictions.Predict(request, timeout=timeout or self.timeout)
+            to_proto(value, into=request.inputs[key])
+        response = self._predict(request, timeout=timeout or self.timeout)
         outputs = {key: from_proto(proto) for key, proto in response.outputs.items()}
         return outputs, response.model_spec.version.value
 
     def status(self, model: str) -> list[dict]:
         """Versions of `model` the server knows: [{"version", "state", "error"}], newest first."""
-        request = get_model_status_pb2.GetModelStatusRequest()
+        request = api.GetModelStatusRequest()
         request.model_spec.name = model
-        response = self.models.GetModelStatus(request, timeout=self.timeout)
+        response = self._get_model_status(request, timeout=self.timeout)
         return [{"version": s.version, "state": STATE_NAMES.get(s.state, str(s.state)),
                  "error": s.status.error_message}
                 for s in response.model_version_status]

@@ -1,13 +1,19 @@
-"""numpy arrays <-> TensorProto, the tensors of TF Serving's Predict API, without the per-call
-overhead of tf.make_tensor_proto / tf.make_ndarray.
+"""numpy arrays <-> TensorProto, the tensors of TF Serving's Predict API, without TensorFlow and
+without the per-call overhead of tf.make_tensor_proto / tf.make_ndarray.
 
 Those two are general (any Python value, every dtype, broadcasting of single values) and cost
 about a tenth of a digits request's Python time under load, and about 20 µs each way for a single
-value (every per-prompt parameter of a generation at batch 1, each answer's digit at batch 1). For the
-numeric dtypes the model server uses, arrays travel exactly as tf.make_tensor_proto writes them:
-raw little-endian bytes in `tensor_content`, or, for a single value or none, the typed value
-field (`float_val`, `int_val`, ...). Anything else (strings, bool, other dtypes) goes through
-TensorFlow's own functions.
+value (every per-prompt parameter of a generation at batch 1, each answer's digit at batch 1). They
+also need TensorFlow itself, which the gateway does not load (serving/tf_serving_protos.py). For
+the dtypes the models use, arrays travel exactly as tf.make_tensor_proto writes them: numbers as
+raw little-endian bytes in `tensor_content`, or, for a single value or none, in the typed value
+field (`float_val`, `int_val`, ...); booleans in `bool_val`; byte strings in `string_val`. Any other
+dtype goes through TensorFlow's own functions (only the model server, which has TensorFlow loaded,
+ever meets one).
+
+The functions take TensorProtos of either descriptor pool: TensorFlow's (the model server's
+messages) or the gateway's own (serving/tf_serving_protos.py). `to_proto` fills the message it is
+given, such as `request.inputs["image"]`, so nothing is copied between the two.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ import math
 import sys
 
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 
-# The numeric dtypes handled here, each with the typed field where TF writes a single value (more
-# values go to tensor_content).
-VALUE_FIELD = {np.dtype(np.float32): "float_val", np.dtype(np.float64): "double_val",
-               np.dtype(np.int32): "int_val", np.dtype(np.uint8): "int_val",
-               np.dtype(np.int64): "int64_val"}
-TO_ENUM = {dtype: tf.dtypes.as_dtype(dtype).as_datatype_enum for dtype in VALUE_FIELD}
+from serving.tf_serving_protos import DATA_TYPES
+
+# The numeric dtypes handled here, each with its DataType and the typed field where TF writes a
+# single value (more values go to tensor_content).
+NUMBERS = {np.dtype(np.float32): ("DT_FLOAT", "float_val"), np.dtype(np.float64): ("DT_DOUBLE", "double_val"),
+           np.dtype(np.int32): ("DT_INT32", "int_val"), np.dtype(np.uint8): ("DT_UINT8", "int_val"),
+           np.dtype(np.int64): ("DT_INT64", "int64_val")}
+VALUE_FIELD = {dtype: field for dtype, (_, field) in NUMBERS.items()}
+TO_ENUM = {dtype: DATA_TYPES[name] for dtype, (name, _) in NUMBERS.items()}
 FROM_ENUM = {enum: dtype for dtype, enum in TO_ENUM.items()}
+DT_BOOL, DT_STRING = DATA_TYPES["DT_BOOL"], DATA_TYPES["DT_STRING"]
 LITTLE_ENDIAN = sys.byteorder == "little"
 # gRPC's message limit for the gateway's calls and the embedded model server, above gRPC's 4 MB
 # default like TF Serving's own server. No tensor read here may be larger: typed values may be
@@ -34,27 +42,46 @@ LITTLE_ENDIAN = sys.byteorder == "little"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def to_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
-    """A numpy array as a TensorProto (the same proto tf.make_tensor_proto writes)."""
+def to_proto(value: np.ndarray, into):
+    """Write a numpy array into the TensorProto `into` (the proto tf.make_tensor_proto writes);
+    returns it."""
     array = np.asarray(value)
-    enum = TO_ENUM.get(array.dtype)
-    if enum is None or not LITTLE_ENDIAN:
-        return tf.make_tensor_proto(array)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape])
-    if array.size < 2:  # as TF: a single value (or none) in the typed field
-        proto = tensor_pb2.TensorProto(dtype=enum, tensor_shape=shape)
-        getattr(proto, VALUE_FIELD[array.dtype]).extend(array.ravel().tolist())
-        return proto
-    return tensor_pb2.TensorProto(dtype=enum, tensor_shape=shape,
-                                  tensor_content=np.ascontiguousarray(array).tobytes())
+    shape = into.tensor_shape
+    if array.dtype.kind in "SO" and all(isinstance(v, bytes) for v in array.flat):
+        into.dtype = DT_STRING
+        into.string_val.extend(array.ravel().tolist())
+    elif array.dtype == np.bool_:
+        into.dtype = DT_BOOL
+        into.bool_val.extend(array.ravel().tolist())
+    elif array.dtype in TO_ENUM and LITTLE_ENDIAN:
+        into.dtype = TO_ENUM[array.dtype]
+        if array.size < 2:  # as TF: a single value (or none) in the typed field
+            getattr(into, VALUE_FIELD[array.dtype]).extend(array.ravel().tolist())
+        else:
+            into.tensor_content = np.ascontiguousarray(array).tobytes()
+    else:
+        import tensorflow as tf  # the model server's rare dtypes; it has TensorFlow loaded
+
+        into.ParseFromString(tf.make_tensor_proto(array).SerializeToString())
+        return into
+    shape.SetInParent()  # present even for a scalar, as TF writes it
+    for n in array.shape:
+        shape.dim.add().size = n
+    return into
 
 
-def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
+def from_proto(proto) -> np.ndarray:
     """A TensorProto as a numpy array (what tf.make_ndarray returns, but a read-only view of the
     proto's bytes when they are in tensor_content: copy it before changing it in place)."""
-    dtype = FROM_ENUM.get(proto.dtype)
+    if proto.dtype == DT_STRING:
+        shape = [d.size for d in proto.tensor_shape.dim]
+        array = np.empty(len(proto.string_val), dtype=object)
+        array[:] = list(proto.string_val)
+        return _shaped(array, shape, math.prod(shape))
+    dtype = np.dtype(np.bool_) if proto.dtype == DT_BOOL else FROM_ENUM.get(proto.dtype)
     if dtype is None or not LITTLE_ENDIAN:
+        import tensorflow as tf
+
         return tf.make_ndarray(proto)
     shape = [d.size for d in proto.tensor_shape.dim]
     count = math.prod(shape)  # exact: numpy's product of int64s wraps around for huge shapes
@@ -64,13 +91,18 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
         array = np.frombuffer(proto.tensor_content, dtype=dtype)
     else:  # typed values; as TF reads them: none is all zeros, fewer repeat the last one
         try:
-            array = np.array(getattr(proto, VALUE_FIELD[dtype]), dtype=dtype)
+            array = np.array(getattr(proto, "bool_val" if dtype == np.bool_ else VALUE_FIELD[dtype]),
+                             dtype=dtype)
         except OverflowError:  # e.g. 300 in the int_val of a uint8 tensor
             raise ValueError(f"a value is out of range for {dtype}") from None
         if array.size == 0:
             return np.zeros(shape, dtype)
         if 0 < array.size < count:
             array = np.pad(array, (0, count - array.size), "edge")
+    return _shaped(array, shape, count)
+
+
+def _shaped(array: np.ndarray, shape: list[int], count: int) -> np.ndarray:
     if array.size != count:
         raise ValueError(f"the tensor has {array.size} values for shape {shape}")
     return array.reshape(shape)

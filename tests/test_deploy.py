@@ -1,6 +1,7 @@
 """docker-compose deployment, checked statically (no Docker engine here), and the tfserving
 service's own command line run through the embedded model server."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -15,11 +16,14 @@ import requests
 import tensorflow as tf
 import yaml
 from conftest import ROOT, copy_model_base, free_port
+from drawings import draw_digit, png_bytes
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from serving import tf_serving_protos
 from serving.config import Settings
 from serving.model_server import read_batching_parameters, read_model_config, read_monitoring_config
 from serving.model_server.__main__ import compose_command_line
+from serving.preprocess import decode_image, preprocess_drawing
 
 GPU = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
 
@@ -55,6 +59,16 @@ def tf_version() -> str:
 @pytest.fixture(scope="module")
 def services():
     return compose()["services"]
+
+
+def test_the_gateway_s_copy_of_tf_serving_s_api_is_the_installed_one():
+    """The gateway's TF Serving messages (serving/tf_serving_protos.binpb, loaded without
+    TensorFlow) are the pinned tensorflow-serving-api's, and ship with the package."""
+    installed = tf_serving_protos.descriptor_set_from_installed_package()
+    assert tf_serving_protos.DESCRIPTORS.read_bytes() == installed.SerializeToString(deterministic=True), \
+        "out of date: run `python -m serving.tf_serving_protos`"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert tf_serving_protos.DESCRIPTORS.name in package_data["serving"]
 
 
 def test_one_tensorflow_version_everywhere(services):
@@ -166,11 +180,13 @@ def test_dockerfile_runs_as_non_root_and_lints_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_tfserving_command_line_serves_through_the_embedded_model_server(
-        services, trained, trained_bard, tmp_path):
-    """The flags in compose are the flags we test: the same command line, with the container's
-    paths mapped to this checkout and a temporary models folder."""
-    base = copy_model_base(trained, tmp_path / "models")
+@pytest.fixture(scope="module")
+def compose_model_server(services, trained, trained_bard, tmp_path_factory):
+    """The tfserving service's command line, run through the embedded model server: the same
+    flags, with the container's paths mapped to this checkout and a temporary models folder.
+    Yields (gRPC port, REST port) once the compose healthcheck passes and both models are
+    AVAILABLE."""
+    base = copy_model_base(trained, tmp_path_factory.mktemp("compose") / "models")
     copy_model_base(trained_bard, base)
     grpc_port, rest_port = free_port(), free_port()
     args = compose_command_line(grpc_port, rest_port)
@@ -184,21 +200,86 @@ def test_the_tfserving_command_line_serves_through_the_embedded_model_server(
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline, "the compose healthcheck never passed"
             time.sleep(0.3)
-        rest = f"http://127.0.0.1:{rest_port}"
         for model in ("digits", "bard"):
-            while requests.get(f"{rest}/v1/models/{model}", timeout=10).json()[
+            while requests.get(f"http://127.0.0.1:{rest_port}/v1/models/{model}", timeout=10).json()[
                     "model_version_status"][0]["state"] != "AVAILABLE":
                 assert time.monotonic() < deadline, f"{model} never became AVAILABLE"
                 time.sleep(0.3)
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "digits"
-        request.inputs["image"].CopyFrom(tf.make_tensor_proto(tf.zeros([2, 28, 28]).numpy()))
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
-        assert tf.make_ndarray(response.outputs["digit"]).shape == (2,)
-        metrics = requests.get(rest + "/monitoring/prometheus/metrics", timeout=10).text
-        assert ':tensorflow:serving:request_count_total{API="predict",model_name="digits",status="OK"}' \
-            in metrics
+        yield grpc_port, rest_port
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_the_tfserving_command_line_serves_through_the_embedded_model_server(compose_model_server):
+    """The flags in compose are the flags we test: Predict over gRPC, metrics at the monitoring
+    path."""
+    grpc_port, rest_port = compose_model_server
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(tf.zeros([2, 28, 28]).numpy()))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    assert tf.make_ndarray(response.outputs["digit"]).shape == (2,)
+    metrics = requests.get(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics", timeout=10).text
+    assert ':tensorflow:serving:request_count_total{API="predict",model_name="digits",status="OK"}' \
+        in metrics
+
+
+def gunicorn_workers(arbiter_pid: int) -> list[int]:
+    children = Path(f"/proc/{arbiter_pid}/task/{arbiter_pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflow(compose_model_server):
+    """The gateway service: `python -m serving` with SCRIBE_MODEL_SERVER set, as the Dockerfile
+    starts it, in front of the compose model server. Its workers answer digits and text through
+    TF Serving's gRPC API without loading TensorFlow (serving/tf_serving_protos.py): the answers
+    are the model server's own, and no TensorFlow library is mapped into a worker."""
+    grpc_port, _ = compose_model_server
+    port = free_port()
+    env = {**os.environ, "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}", "SCRIBE_HOST": "127.0.0.1",
+           "PORT": str(port), "SCRIBE_WORKERS": "2", "SCRIBE_THREADS": "4"}
+    gateway = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert gateway.poll() is None, gateway.stdout.read()
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            try:
+                if requests.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        drawing = png_bytes(draw_digit(7))
+        answer = requests.post(url + "/v1/digits/predict", data=drawing,
+                               headers={"Content-Type": "image/png"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        # The same image straight to the model server, with TensorFlow's own protos.
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "digits"
+        image = preprocess_drawing(decode_image(drawing, 10**7))[None]
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(image))
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            direct = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+        prediction = answer.json()["predictions"][0]
+        assert prediction["digit"] == int(tf.make_ndarray(direct.outputs["digit"])[0])
+        assert prediction["probabilities"] == pytest.approx(
+            tf.make_ndarray(direct.outputs["probabilities"])[0].tolist(), abs=1e-5)
+        assert answer.json()["model"]["version"] == direct.model_spec.version.value
+        text = requests.post(url + "/v1/text/generate", json={"prompt": "ROMEO:", "max_chars": 40, "seed": 3},
+                             timeout=60)
+        assert text.status_code == 200, text.text
+        assert len(text.json()["text"]) == 40
+        workers = gunicorn_workers(gateway.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "libtensorflow" not in maps and "_pywrap_tensorflow" not in maps, \
+                f"worker {pid} loaded TensorFlow"
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)

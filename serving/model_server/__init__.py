@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
+
+from serving.tf_serving_protos import ModelServerConfig
 
 
-def read_model_config(path: str | Path) -> model_server_config_pb2.ModelServerConfig:
-    """Parse a ModelServerConfig text file, as TF Serving's --model_config_file does."""
-    config = model_server_config_pb2.ModelServerConfig()
+def read_model_config(path: str | Path) -> ModelServerConfig:
+    """Parse a ModelServerConfig text file, as TF Serving's --model_config_file does (with the
+    gateway's own copy of the message: the gateway reads the model names without TensorFlow)."""
+    config = ModelServerConfig()
     text_format.Parse(Path(path).read_text(), config)
     return config
 

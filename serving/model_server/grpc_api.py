@@ -56,7 +56,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(to_proto(value))
+            to_proto(value, into=response.outputs[key])
         return response
 
     def _label(self, name: str) -> str:
