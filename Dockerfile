@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   gateway: the Flask gateway under gunicorn (talks gRPC to TF Serving)
+#   gateway: the Flask gateway under gunicorn (talks gRPC to TF Serving; no TensorFlow installed)
 #   trainer: the training jobs on TensorFlow's GPU image, writing versions into /models
 # One TensorFlow version everywhere: this ARG, pyproject.toml/constraints.txt and the
 # tensorflow/serving image in docker-compose.yml, so every export loads in the server that serves it.
@@ -15,6 +15,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY training ./training
 COPY serving ./serving
 COPY client ./client
+# The gateway's own dependencies only: no TensorFlow (it calls TF Serving over gRPC).
 RUN pip install -c constraints.txt . \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin scribe
 USER 10001
@@ -34,7 +35,7 @@ COPY training ./training
 COPY serving ./serving
 COPY client ./client
 # /models and /runs are owned by the training user, so fresh named volumes mounted there are too.
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[tensorflow]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin scribe \
     && mkdir -p /models /runs && chown 10001 /models /runs
 USER 10001

@@ -19,7 +19,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
-from serving.config import Settings, socket_folder_prefix
+from serving.config import EMBEDDED_NEEDS_TENSORFLOW, Settings, socket_folder_prefix, tensorflow_installed
 
 
 class ConnectionBalance:
@@ -258,6 +258,8 @@ def main() -> int:
     settings = Settings.from_env()
     if not 0 < settings.client_timeout_seconds < 86_400:  # 0 would turn the kernel's timeout off
         raise SystemExit("SCRIBE_CLIENT_TIMEOUT_SECONDS must be above 0 and below a day")
+    if not settings.model_server and not tensorflow_installed():
+        raise SystemExit(EMBEDDED_NEEDS_TENSORFLOW)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     print(f"Scribe gateway on http://{host}:{settings.port}", flush=True)
     GatewayServer(settings).run()

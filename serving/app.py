@@ -21,7 +21,7 @@ from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from serving.config import Settings, socket_folder_prefix
+from serving.config import EMBEDDED_NEEDS_TENSORFLOW, Settings, socket_folder_prefix, tensorflow_installed
 from serving.errors import RETRY_AFTER_SECONDS, bad_request, register_error_handlers
 from serving.metrics import install_metrics
 from serving.model_client import ModelClient
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     embedded = None
     target = settings.model_server
     if not target:
+        if not tensorflow_installed():
+            raise RuntimeError(EMBEDDED_NEEDS_TENSORFLOW)
         batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
         # A private Unix socket: gRPC over it costs less CPU per call than over loopback TCP
         # (the port stays open too, for tools and tests).

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+EMBEDDED_NEEDS_TENSORFLOW = (
+    "SCRIBE_MODEL_SERVER is not set, so the gateway would start the embedded model server, which "
+    "needs TensorFlow: install scribe[tensorflow] (make install does), or set SCRIBE_MODEL_SERVER to "
+    "a TF Serving gRPC host:port")
+
+
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 def socket_folder_prefix(pid: int) -> str:

@@ -1,6 +1,8 @@
 """docker-compose deployment, checked statically (no Docker engine here), and the tfserving
 service's own command line run through the embedded model server."""
 
+import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -17,6 +19,8 @@ import tensorflow as tf
 import yaml
 from conftest import ROOT, copy_model_base, free_port
 from drawings import draw_digit, png_bytes
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import tf_serving_protos
@@ -51,9 +55,13 @@ def dockerfile_stages() -> dict[str, list[str]]:
     return stages
 
 
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def tf_version() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return next(d.split("==")[1] for d in deps if d.startswith("tensorflow=="))
+    return next(d.split("==")[1] for d in project()["optional-dependencies"]["tensorflow"]
+                if d.startswith("tensorflow=="))
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +81,7 @@ def test_the_gateway_s_copy_of_tf_serving_s_api_is_the_installed_one():
 
 def test_one_tensorflow_version_everywhere(services):
     version = tf_version()
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"tensorflow-serving-api=={version}" in deps
+    assert f"tensorflow-serving-api=={version}" in project()["optional-dependencies"]["tensorflow"]
     constraints = (ROOT / "constraints.txt").read_text().splitlines()
     assert f"tensorflow=={version}" in constraints and f"tensorflow-serving-api=={version}" in constraints
     assert services["tfserving"]["image"] == f"tensorflow/serving:{version}-gpu"
@@ -231,15 +238,87 @@ def gunicorn_workers(arbiter_pid: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflow(compose_model_server):
+NO_TENSORFLOW = """import sys
+
+
+class NoTensorFlow:
+    \"\"\"As if TensorFlow were not installed, as in the gateway image.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_serving", "keras"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def without_tensorflow(folder: Path) -> dict:
+    """The environment of a Python process in which TensorFlow cannot be imported."""
+    (folder / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
+def test_the_gateway_image_installs_only_the_gateway_s_dependencies():
+    """The gateway stage installs the package without extras, the trainer stage with TensorFlow's,
+    and TensorFlow is not among the base dependencies."""
+    stages = dockerfile_stages()
+    assert any("pip install -c constraints.txt . " in line for line in stages["gateway"])
+    assert any('pip install -c constraints.txt ".[tensorflow]"' in line for line in stages["trainer"])
+    assert not [d for d in project()["dependencies"] if d.startswith(("tensorflow", "keras"))]
+
+
+def requirement_closure(requirements: list[str]) -> set[str]:
+    """The distributions that installing `requirements` (no extras) brings, as installed here."""
+    seen, todo = set(), list(requirements)
+    while todo:
+        requirement = Requirement(todo.pop())
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra's, or another platform's
+        name = canonicalize_name(requirement.name)
+        if name not in seen:
+            seen.add(name)
+            todo += importlib.metadata.requires(name) or []
+    return seen
+
+
+def test_the_gateway_imports_nothing_beyond_its_dependencies(tmp_path):
+    """A gateway worker (create_app with SCRIBE_MODEL_SERVER set, both endpoints, metrics, the
+    gunicorn entry point) and the client import only what the base dependencies install."""
+    code = ("import json, sys\nbare = set(sys.modules)  # the interpreter's own, and its .pth files'\n"
+            "import serving.__main__, serving.digits_api, serving.text_api, client\n"
+            "from serving.app import create_app\ncreate_app()\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - bare})))")
+    env = {**without_tensorflow(tmp_path), "SCRIBE_MODEL_SERVER": "127.0.0.1:1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    distributions = importlib.metadata.packages_distributions()
+    imported = {canonicalize_name(distribution) for module in json.loads(result.stdout)
+                for distribution in distributions.get(module, [])}
+    assert imported - {"scribe"} <= requirement_closure(project()["dependencies"])
+    assert {"flask", "grpcio", "protobuf", "pillow"} <= imported  # it did look
+
+
+def test_without_tensorflow_the_embedded_model_server_is_refused_with_a_reason(tmp_path):
+    env = {**without_tensorflow(tmp_path), "PORT": str(free_port())}
+    env.pop("SCRIBE_MODEL_SERVER", None)
+    result = subprocess.run([sys.executable, "-m", "serving"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "needs TensorFlow" in result.stderr and "SCRIBE_MODEL_SERVER" in result.stderr
+
+
+def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflow(
+        compose_model_server, tmp_path):
     """The gateway service: `python -m serving` with SCRIBE_MODEL_SERVER set, as the Dockerfile
-    starts it, in front of the compose model server. Its workers answer digits and text through
-    TF Serving's gRPC API without loading TensorFlow (serving/tf_serving_protos.py): the answers
-    are the model server's own, and no TensorFlow library is mapped into a worker."""
+    starts it, in front of the compose model server, with TensorFlow impossible to import (as
+    in the gateway image). Its workers answer digits and text through TF Serving's gRPC API
+    (serving/tf_serving_protos.py): the answers are the model server's own, and no TensorFlow
+    library is mapped into a worker."""
     grpc_port, _ = compose_model_server
     port = free_port()
-    env = {**os.environ, "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}", "SCRIBE_HOST": "127.0.0.1",
-           "PORT": str(port), "SCRIBE_WORKERS": "2", "SCRIBE_THREADS": "4"}
+    env = {**without_tensorflow(tmp_path), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}",
+           "SCRIBE_HOST": "127.0.0.1", "PORT": str(port), "SCRIBE_WORKERS": "2", "SCRIBE_THREADS": "4"}
     gateway = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
