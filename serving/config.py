@@ -18,9 +18,11 @@ EMBEDDED_NEEDS_TENSORFLOW = (
 
 
 def tensorflow_installed() -> bool:
-    """Whether TensorFlow can be imported, without importing it."""
+    """Whether TensorFlow and TF Serving's API package, which the embedded model server runs on,
+    can be imported (checked without importing them)."""
     try:
-        return importlib.util.find_spec("tensorflow") is not None
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("tensorflow", "tensorflow_serving"))
     except (ImportError, ValueError):  # a broken or blocked install
         return False
 

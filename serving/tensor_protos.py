@@ -8,8 +8,8 @@ also need TensorFlow itself, which the gateway does not load (serving/tf_serving
 the dtypes the models use, arrays travel exactly as tf.make_tensor_proto writes them: numbers as
 raw little-endian bytes in `tensor_content`, or, for a single value or none, in the typed value
 field (`float_val`, `int_val`, ...); booleans in `bool_val`; byte strings in `string_val`. Any other
-dtype goes through TensorFlow's own functions (only the model server, which has TensorFlow loaded,
-ever meets one).
+dtype goes through TensorFlow's own functions: the model server has TensorFlow loaded, and no model
+here sends or answers one to the gateway (which, without TensorFlow, refuses it as a ValueError).
 
 The functions take TensorProtos of either descriptor pool: TensorFlow's (the model server's
 messages) or the gateway's own (serving/tf_serving_protos.py). `to_proto` fills the message it is
@@ -60,9 +60,7 @@ def to_proto(value: np.ndarray, into):
         else:
             into.tensor_content = np.ascontiguousarray(array).tobytes()
     else:
-        import tensorflow as tf  # the model server's rare dtypes; it has TensorFlow loaded
-
-        into.ParseFromString(tf.make_tensor_proto(array).SerializeToString())
+        into.ParseFromString(_tensorflow(array.dtype).make_tensor_proto(array).SerializeToString())
         return into
     shape.SetInParent()  # present even for a scalar, as TF writes it
     for n in array.shape:
@@ -73,18 +71,20 @@ def to_proto(value: np.ndarray, into):
 def from_proto(proto) -> np.ndarray:
     """A TensorProto as a numpy array (what tf.make_ndarray returns, but a read-only view of the
     proto's bytes when they are in tensor_content: copy it before changing it in place)."""
-    if proto.dtype == DT_STRING:
-        shape = [d.size for d in proto.tensor_shape.dim]
-        array = np.empty(len(proto.string_val), dtype=object)
-        array[:] = list(proto.string_val)
-        return _shaped(array, shape, math.prod(shape))
-    dtype = np.dtype(np.bool_) if proto.dtype == DT_BOOL else FROM_ENUM.get(proto.dtype)
-    if dtype is None or not LITTLE_ENDIAN:
-        import tensorflow as tf
-
-        return tf.make_ndarray(proto)
     shape = [d.size for d in proto.tensor_shape.dim]
     count = math.prod(shape)  # exact: numpy's product of int64s wraps around for huge shapes
+    if proto.dtype == DT_STRING:  # as TF reads them: none is all empty, fewer repeat the last one
+        values = list(proto.string_val)
+        if count * 8 > MAX_MESSAGE_BYTES:  # 8 bytes of pointer per value, even for repeats
+            raise ValueError(f"a tensor of shape {shape} is larger than a Predict message may carry")
+        if len(values) < count:
+            values += [values[-1] if values else b""] * (count - len(values))
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return _shaped(array, shape, count)
+    dtype = np.dtype(np.bool_) if proto.dtype == DT_BOOL else FROM_ENUM.get(proto.dtype)
+    if dtype is None or not LITTLE_ENDIAN:
+        return _tensorflow(proto.dtype).make_ndarray(proto)
     if count * dtype.itemsize > MAX_MESSAGE_BYTES:
         raise ValueError(f"a tensor of shape {shape} is larger than a Predict message may carry")
     if proto.tensor_content:
@@ -106,3 +106,13 @@ def _shaped(array: np.ndarray, shape: list[int], count: int) -> np.ndarray:
     if array.size != count:
         raise ValueError(f"the tensor has {array.size} values for shape {shape}")
     return array.reshape(shape)
+
+
+def _tensorflow(dtype):
+    """TensorFlow, for a dtype the functions above do not handle. The embedded model server has it
+    loaded; the gateway, without TensorFlow, refuses the tensor with a reason."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ValueError(f"a tensor of dtype {dtype} needs TensorFlow, which is not installed") from None
+    return tf

@@ -74,6 +74,7 @@ else:
     GetModelStatusRequest = _message("tensorflow.serving.GetModelStatusRequest")
     GetModelStatusResponse = _message("tensorflow.serving.GetModelStatusResponse")
     ModelServerConfig = _message("tensorflow.serving.ModelServerConfig")
+    ModelConfig = _message("tensorflow.serving.ModelConfig")
     TensorProto = _message("tensorflow.TensorProto")
     # TensorFlow's DataType numbers by name (DT_FLOAT, DT_STRING, ...), from types.proto.
     DATA_TYPES = {v.name: v.number for v in _pool.FindEnumTypeByName("tensorflow.DataType").values}

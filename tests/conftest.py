@@ -81,6 +81,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+NO_TENSORFLOW = """import sys
+
+
+class NoTensorFlow:
+    \"\"\"As if TensorFlow were not installed, as in the gateway image.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_serving", "keras"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def without_tensorflow(folder: Path) -> dict:
+    """The environment of a Python process in which TensorFlow cannot be imported."""
+    (folder / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
 class LiveGateway:
     """The Flask app from create_app(), served over real HTTP on a loopback port."""
 

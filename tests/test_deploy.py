@@ -3,13 +3,15 @@ service's own command line run through the embedded model server."""
 
 import importlib.metadata
 import json
-import os
+import math
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -17,11 +19,12 @@ import pytest
 import requests
 import tensorflow as tf
 import yaml
-from conftest import ROOT, copy_model_base, free_port
+from conftest import ROOT, copy_model_base, free_port, without_tensorflow
 from drawings import draw_digit, png_bytes
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from test_text import stream_events
 
 from serving import tf_serving_protos
 from serving.config import Settings
@@ -75,8 +78,29 @@ def test_the_gateway_s_copy_of_tf_serving_s_api_is_the_installed_one():
     installed = tf_serving_protos.descriptor_set_from_installed_package()
     assert tf_serving_protos.DESCRIPTORS.read_bytes() == installed.SerializeToString(deterministic=True), \
         "out of date: run `python -m serving.tf_serving_protos`"
-    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert tf_serving_protos.DESCRIPTORS.name in package_data["serving"]
+
+
+def test_the_package_ships_the_gateway_s_data_files_and_no_tensorflow_by_default(tmp_path):
+    """The wheel the Dockerfile's `pip install .` builds holds every data file the gateway reads,
+    and requires TensorFlow only through the `tensorflow` extra."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("serving", "training", "client"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("scribe-*.whl"))) as wheel:
+        names = set(wheel.namelist())
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    data = {str(path.relative_to(ROOT)) for path in (ROOT / "serving").rglob("*")
+            if path.is_file() and path.suffix in (".binpb", ".json", ".config", ".html", ".js", ".css")
+            and "__pycache__" not in path.parts}
+    assert data and data <= names, data - names
+    required = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert not [line for line in required if "tensorflow" in line and "extra ==" not in line]
+    assert 'Requires-Dist: tensorflow==' in metadata  # ... behind the extra
 
 
 def test_one_tensorflow_version_everywhere(services):
@@ -238,27 +262,6 @@ def gunicorn_workers(arbiter_pid: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-NO_TENSORFLOW = """import sys
-
-
-class NoTensorFlow:
-    \"\"\"As if TensorFlow were not installed, as in the gateway image.\"\"\"
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_serving", "keras"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-
-sys.meta_path.insert(0, NoTensorFlow())
-"""
-
-
-def without_tensorflow(folder: Path) -> dict:
-    """The environment of a Python process in which TensorFlow cannot be imported."""
-    (folder / "sitecustomize.py").write_text(NO_TENSORFLOW)
-    return {**os.environ, "PYTHONPATH": str(folder)}
-
-
 def test_the_gateway_image_installs_only_the_gateway_s_dependencies():
     """The gateway stage installs the package without extras, the trainer stage with TensorFlow's,
     and TensorFlow is not among the base dependencies."""
@@ -349,10 +352,18 @@ def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflo
         assert prediction["probabilities"] == pytest.approx(
             tf.make_ndarray(direct.outputs["probabilities"])[0].tolist(), abs=1e-5)
         assert answer.json()["model"]["version"] == direct.model_spec.version.value
-        text = requests.post(url + "/v1/text/generate", json={"prompt": "ROMEO:", "max_chars": 40, "seed": 3},
-                             timeout=60)
+        params = {"prompt": "ROMEO:", "max_chars": 100, "seed": 3}
+        text = requests.post(url + "/v1/text/generate", json=params, timeout=60)
         assert text.status_code == 200, text.text
-        assert len(text.json()["text"]) == 40
+        assert len(text.json()["text"]) == 100
+        # A stream: its first chunk from serving_default, the rest from `continue` with the state
+        # and the position passed back, and the chunks join into the one-call text.
+        with requests.post(url + "/v1/text/generate", json={**params, "stream": True}, stream=True,
+                           timeout=60) as response:
+            events = stream_events(response)
+        chunks = [json.loads(data)["text"] for event, data in events if event == "chunk"]
+        assert len(chunks) == math.ceil(100 / Settings().stream_chunk_chars) > 1
+        assert "".join(chunks) == text.json()["text"] and events[-1][0] == "done"
         workers = gunicorn_workers(gateway.pid)
         assert len(workers) == 2
         for pid in workers:

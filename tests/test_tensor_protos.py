@@ -1,11 +1,15 @@
 """The gateway's and the model server's tensor conversion writes and reads exactly TensorFlow's protos."""
 
+import pickle
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT, without_tensorflow
 from tensorflow.core.framework import tensor_pb2
 
-from serving import tf_serving_protos
 from serving.tensor_protos import from_proto, to_proto
 
 ARRAYS = [
@@ -33,15 +37,40 @@ def test_to_proto_writes_what_make_tensor_proto_writes(array):
     assert to_proto(array, into=tensor_pb2.TensorProto()) == tf.make_tensor_proto(array)
 
 
-@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
-def test_the_gateway_s_own_tensor_protos_are_tensorflow_s_on_the_wire(array):
-    """The gateway writes and reads TensorProtos of its own descriptor pool, without TensorFlow:
-    the same bytes as TensorFlow's, read back as TensorFlow reads them."""
-    ours = to_proto(array, into=tf_serving_protos.TensorProto())
-    theirs = tf.make_tensor_proto(array)
-    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
-    read = from_proto(tf_serving_protos.TensorProto.FromString(theirs.SerializeToString()))
-    assert read.dtype == tf.make_ndarray(theirs).dtype and np.array_equal(read, tf.make_ndarray(theirs))
+GATEWAY_ARRAYS = [a for a in ARRAYS if a.dtype != np.uint16]  # the dtypes read and written without TF
+WITHOUT_TENSORFLOW = """
+import pickle, sys
+import numpy as np
+from serving import tf_serving_protos
+from serving.tensor_protos import from_proto, to_proto
+
+arrays = pickle.load(sys.stdin.buffer)
+written = [to_proto(a, into=tf_serving_protos.TensorProto()).SerializeToString(deterministic=True)
+           for a in arrays]
+read = [from_proto(tf_serving_protos.TensorProto.FromString(data)) for data in written]
+try:
+    to_proto(np.array([1, 2], np.uint16), into=tf_serving_protos.TensorProto())
+    refused = None
+except ValueError as error:
+    refused = str(error)
+pickle.dump((written, read, refused), sys.stdout.buffer)
+"""
+
+
+def test_without_tensorflow_the_gateway_writes_and_reads_tensorflow_s_tensor_protos(tmp_path):
+    """In a process where TensorFlow cannot be imported (the gateway image), with the gateway's
+    own messages: the same bytes as tf.make_tensor_proto, read back as tf.make_ndarray reads them;
+    a dtype that would need TensorFlow is refused with a reason."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW], input=pickle.dumps(GATEWAY_ARRAYS),
+                            env=without_tensorflow(tmp_path), cwd=ROOT, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()
+    written, read, refused = pickle.loads(result.stdout)
+    for array, ours, back in zip(GATEWAY_ARRAYS, written, read, strict=True):
+        theirs = tf.make_tensor_proto(array)
+        assert ours == theirs.SerializeToString(deterministic=True), array
+        expected = tf.make_ndarray(theirs)
+        assert (back.dtype, back.shape) == (expected.dtype, expected.shape) and np.array_equal(back, expected)
+    assert refused and "uint16" in refused and "needs TensorFlow" in refused
 
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{a.dtype}{list(np.shape(a))}")
@@ -74,6 +103,21 @@ def test_typed_values_fewer_than_the_shape_are_read_as_tensorflow_reads_them(val
     proto.float_val.extend(values)
     ours, theirs = from_proto(proto), tf.make_ndarray(proto)
     assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("values", [[b"x"], [b"x", b"y"]], ids=["one", "fewer"])
+def test_strings_fewer_than_the_shape_repeat_the_last_one_as_tensorflow_reads_them(values):
+    proto = tf.make_tensor_proto(np.array([b"a", b"b", b"c"]))
+    del proto.string_val[:]
+    proto.string_val.extend(values)
+    ours, theirs = from_proto(proto), tf.make_ndarray(proto)
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_no_strings_for_a_shape_are_empty_strings():
+    proto = tf.make_tensor_proto(np.array([b"a", b"b"]))
+    del proto.string_val[:]
+    assert from_proto(proto).tolist() == [b"", b""]  # TensorFlow gives "" (str); bytes here, as always
 
 
 def test_typed_values_beyond_the_shape_or_the_dtype_are_an_error():

@@ -16,7 +16,10 @@ from serving.tf_serving_protos import ModelServerConfig
 
 def read_model_config(path: str | Path) -> ModelServerConfig:
     """Parse a ModelServerConfig text file, as TF Serving's --model_config_file does (with the
-    gateway's own copy of the message: the gateway reads the model names without TensorFlow)."""
+    gateway's own copy of the message: the gateway reads the model names without TensorFlow;
+    the model server reads the message field by field). That copy knows no types beyond TF
+    Serving's own, so a `custom_model_config` Any written out in expanded form would not parse;
+    models.config has none."""
     config = ModelServerConfig()
     text_format.Parse(Path(path).read_text(), config)
     return config

@@ -18,13 +18,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
-from tensorflow_serving.config import model_server_config_pb2
 from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
     FileSystemStoragePathSourceConfig,
 )
 
 from serving.model_server.batching import DynamicBatcher, QueueFull
 from serving.tensor_protos import from_proto
+from serving.tf_serving_protos import ModelConfig, ModelServerConfig
 
 log = logging.getLogger("scribe.model_server")
 
@@ -134,7 +134,7 @@ class VersionState:
 
 @dataclass
 class ModelEntry:
-    config: model_server_config_pb2.ModelConfig
+    config: ModelConfig  # read by field: messages of either pool (TensorFlow's or the gateway's)
     base_path: Path
     loaded: dict = field(default_factory=dict)  # version -> Servable
     states: dict = field(default_factory=dict)  # version -> VersionState
@@ -194,7 +194,7 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
 class ServableManager:
     """Keeps the versions that each model's version policy asks for loaded."""
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig,
+    def __init__(self, config: ModelServerConfig,
                  base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0,
                  config_file: str | Path | None = None, config_poll_seconds: float = 0,
                  batching: dict | None = None):
@@ -211,7 +211,7 @@ class ServableManager:
         self.models: dict[str, ModelEntry] = {}
         self.apply_config(config)
 
-    def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+    def apply_config(self, config: ModelServerConfig) -> None:
         """Serve the models `config` lists: new ones are added, removed ones dropped, changed
         base paths, policies or labels take effect from the next poll."""
         wanted = {m.name: m for m in config.model_config_list.config}
