@@ -159,7 +159,8 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
     """Peak RSS of the gateway and of the model server, each on its own, at 64 clients: the
     model server as its own process with the command line of docker-compose.yml's tfserving
     service, the gateway's workers calling it over TCP, as the compose gateway calls
-    tfserving:8500."""
+    tfserving:8500. Also the gateway's own cold start there: from starting it, with the model
+    server already serving both models, to its /readyz 200."""
     grpc_port, rest_port, port = free_port(), free_port(), free_port()
     gateway_env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}"}
     servers = []
@@ -168,9 +169,14 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
             sys.executable, "-m", "serving.model_server", *compose_command_line(grpc_port, rest_port),
             f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
         servers.append(model_server)
+        deadline = time.monotonic() + 180
+        while not all(model_available(rest_port, name) for name in ("digits", "bard")):
+            assert model_server.process.poll() is None and time.monotonic() < deadline, "no model server"
+            time.sleep(0.1)
         gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
         servers.append(gateway)
-        gateway.wait_until_answering(body)  # once the model server has loaded the digits model
+        gateway_start = gateway.wait_until_ready()
+        gateway.wait_until_answering(body)
         wrk(gateway.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
         with PeakMemory(gateway.process.pid) as gateway_memory, \
                 PeakMemory(model_server.process.pid) as server_memory:
@@ -178,8 +184,18 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
     finally:
         for server in servers:
             server.stop()
-    return {"connections": CONCURRENCY[-1], "gateway_peak_rss_mb": round(gateway_memory.peak, 1),
+    return {"gateway_seconds_to_readyz": gateway_start and round(gateway_start, 2),
+            "connections": CONCURRENCY[-1], "gateway_peak_rss_mb": round(gateway_memory.peak, 1),
             "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
+
+
+def model_available(rest_port: int, name: str) -> bool:
+    """Whether TF Serving's REST API (here the embedded one's) reports a version of `name` AVAILABLE."""
+    try:
+        states = requests.get(f"http://127.0.0.1:{rest_port}/v1/models/{name}", timeout=5).json()
+        return any(v["state"] == "AVAILABLE" for v in states.get("model_version_status", []))
+    except (requests.RequestException, ValueError):
+        return False
 
 
 # training.pipeline.WARMUP_FILE's name (not imported: bench/training.py shadows that package here)
@@ -357,7 +373,8 @@ def main() -> int:
     if "error" in apart:
         print(f"apart, as in docker-compose: FAILED: {apart['error']}")
     else:
-        print(f"apart, as in docker-compose, at c=64 (one pass): "
+        print(f"apart, as in docker-compose: the gateway's /readyz 200 after "
+              f"{apart['gateway_seconds_to_readyz']} s; at c=64 (one pass): "
               f"gateway {apart['gateway_peak_rss_mb']:.0f} MB, "
               f"model server {apart['model_server_peak_rss_mb']:.0f} MB, "
               f"{apart['rps']:.1f} req/s, p99 {apart['p99_ms']:.1f} ms")
