@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from reliability import rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 SONNETS = Path(__file__).resolve().parent / "data" / "sonnets.txt"
@@ -100,6 +102,79 @@ def without_tensorflow(folder: Path) -> dict:
     """The environment of a Python process in which TensorFlow cannot be imported."""
     (folder / "sitecustomize.py").write_text(NO_TENSORFLOW)
     return {**os.environ, "PYTHONPATH": str(folder)}
+
+
+@dataclass
+class Gunicorn:
+    url: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def worker_rss_mb(self) -> float:
+        return round(sum(rss_mb(pid) for pid in self.worker_pids()), 1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def metric(self, name: str) -> float:
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+    def wait_until_idle(self, timeout: float = 15) -> float:
+        """Seconds until no generation holds a slot."""
+        started = time.monotonic()
+        while self.metric("scribe_generations_in_flight") != 0:
+            assert time.monotonic() - started < timeout, "generation slots were not given back"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+
+def environment_without_scribe_settings() -> dict[str, str]:
+    """This environment minus any SCRIBE_* setting, so that each test sets its own."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
+
+
+def start_gateway(folder: Path, env: dict[str, str], workers: int = 1, timeout: float = 180) -> Gunicorn:
+    """`python -m serving` with `env` added to this environment (minus its SCRIBE_* settings),
+    logging to `folder`/gunicorn.log; returned once /readyz answers 200 and every worker has
+    booted."""
+    port = free_port()
+    env = {**environment_without_scribe_settings(), **env, "PORT": str(port), "SCRIBE_WORKERS": str(workers)}
+    log = folder / "gunicorn.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    live = Gunicorn(f"http://127.0.0.1:{port}", port, process, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready in time\n" + log.read_text()[-3000:]
+            try:
+                if requests.get(live.url + "/readyz", timeout=10).status_code == 200 \
+                        and len(live.worker_pids()) == workers and booted(log, workers):
+                    return live
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+    except BaseException:
+        live.stop()
+        raise
+
+
+def booted(log: Path, workers: int) -> bool:
+    """Whether every worker has loaded the gateway and takes connections (each logs it)."""
+    return log.read_text().count("is ready and accepting connections") >= workers
 
 
 class LiveGateway:

@@ -19,7 +19,7 @@ import pytest
 import requests
 import tensorflow as tf
 import yaml
-from conftest import ROOT, copy_model_base, free_port, without_tensorflow
+from conftest import ROOT, copy_model_base, free_port, start_gateway, without_tensorflow
 from drawings import draw_digit, png_bytes
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -257,11 +257,6 @@ def test_the_tfserving_command_line_serves_through_the_embedded_model_server(com
         in metrics
 
 
-def gunicorn_workers(arbiter_pid: int) -> list[int]:
-    children = Path(f"/proc/{arbiter_pid}/task/{arbiter_pid}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
 def test_the_gateway_image_installs_only_the_gateway_s_dependencies():
     """The gateway stage installs the package without extras, the trainer stage with TensorFlow's,
     and TensorFlow is not among the base dependencies."""
@@ -319,23 +314,11 @@ def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflo
     (serving/tf_serving_protos.py): the answers are the model server's own, and no TensorFlow
     library is mapped into a worker."""
     grpc_port, _ = compose_model_server
-    port = free_port()
-    env = {**without_tensorflow(tmp_path), "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}",
-           "SCRIBE_HOST": "127.0.0.1", "PORT": str(port), "SCRIBE_WORKERS": "2", "SCRIBE_THREADS": "4"}
-    gateway = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    gateway = start_gateway(tmp_path, {"PYTHONPATH": without_tensorflow(tmp_path)["PYTHONPATH"],
+                                       "SCRIBE_MODEL_SERVER": f"127.0.0.1:{grpc_port}",
+                                       "SCRIBE_THREADS": "4"}, workers=2, timeout=60)
+    url = gateway.url
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert gateway.poll() is None, gateway.stdout.read()
-            assert time.monotonic() < deadline, "the gateway never became ready"
-            try:
-                if requests.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
         drawing = png_bytes(draw_digit(7))
         answer = requests.post(url + "/v1/digits/predict", data=drawing,
                                headers={"Content-Type": "image/png"}, timeout=30)
@@ -364,12 +347,11 @@ def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflo
         chunks = [json.loads(data)["text"] for event, data in events if event == "chunk"]
         assert len(chunks) == math.ceil(100 / Settings().stream_chunk_chars) > 1
         assert "".join(chunks) == text.json()["text"] and events[-1][0] == "done"
-        workers = gunicorn_workers(gateway.pid)
+        workers = gateway.worker_pids()
         assert len(workers) == 2
         for pid in workers:
             maps = Path(f"/proc/{pid}/maps").read_text()
             assert "libtensorflow" not in maps and "_pywrap_tensorflow" not in maps, \
                 f"worker {pid} loaded TensorFlow"
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=30)
+        gateway.stop()

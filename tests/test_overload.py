@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
 import signal
 import socket
 import statistics
@@ -18,14 +17,20 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, copy_model_base, free_port, wait_for_readyz
+from conftest import (
+    ROOT,
+    Gunicorn,
+    copy_model_base,
+    environment_without_scribe_settings,
+    start_gateway,
+    wait_for_readyz,
+)
 from drawings import chunked, padded_png
-from reliability import record, rss_mb
+from reliability import record
 
 from serving.config import Settings
 
@@ -33,41 +38,6 @@ THREADS = 6
 MAX_GENERATIONS = 2
 CLIENT_TIMEOUT = 2.0
 LINGER = 2.0  # a closing connection's thread waits this long at most for the client to close
-
-
-@dataclass
-class Gunicorn:
-    url: str
-    port: int
-    process: subprocess.Popen
-    log: Path
-
-    def worker_pids(self) -> list[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        return [int(pid) for pid in children.split()]
-
-    def worker_rss_mb(self) -> float:
-        return round(sum(rss_mb(pid) for pid in self.worker_pids()), 1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def metric(self, name: str) -> float:
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
-
-    def wait_until_idle(self, timeout: float = 15) -> float:
-        """Seconds until no generation holds a slot."""
-        started = time.monotonic()
-        while self.metric("scribe_generations_in_flight") != 0:
-            assert time.monotonic() - started < timeout, "generation slots were not given back"
-            time.sleep(0.05)
-        return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -80,46 +50,16 @@ def server(trained, trained_bard, tmp_path_factory):
     live.stop()
 
 
-def environment_without_scribe_settings() -> dict[str, str]:
-    """This environment minus any SCRIBE_* setting, so that each test sets its own."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
-
-
 def start_gunicorn(folder: Path, workers: int = 1) -> Gunicorn:
-    """`python -m serving` over `folder`/models, once /readyz answers 200 (from every worker)."""
-    port = free_port()
-    env = environment_without_scribe_settings()
-    env.update(SCRIBE_MODEL_DIR=str(folder / "models"), PORT=str(port), SCRIBE_WORKERS=str(workers),
-               SCRIBE_THREADS=str(THREADS), SCRIBE_MAX_GENERATIONS=str(MAX_GENERATIONS),
-               SCRIBE_CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
-               SCRIBE_STREAM_CHUNK_CHARS="1",  # one model call per character: streams last seconds
-               TMPDIR=str(folder / "tmp"))  # where each worker makes its model server's socket folder
+    """`python -m serving` over `folder`/models with the overload settings, once /readyz answers
+    200 (from every worker)."""
     (folder / "tmp").mkdir(exist_ok=True)
-    log = folder / "gunicorn.log"
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
-    live = Gunicorn(f"http://127.0.0.1:{port}", port, process, log)
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "not ready in time\n" + log.read_text()[-3000:]
-            try:
-                if requests.get(live.url + "/readyz", timeout=10).status_code == 200 \
-                        and len(live.worker_pids()) == workers and booted(log, workers):
-                    return live
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-    except BaseException:
-        live.stop()
-        raise
-
-
-def booted(log: Path, workers: int) -> bool:
-    """Whether every worker has loaded the gateway and takes connections (each logs it)."""
-    return log.read_text().count("is ready and accepting connections") >= workers
+    return start_gateway(folder, {
+        "SCRIBE_MODEL_DIR": str(folder / "models"), "SCRIBE_THREADS": str(THREADS),
+        "SCRIBE_MAX_GENERATIONS": str(MAX_GENERATIONS), "SCRIBE_CLIENT_TIMEOUT_SECONDS": str(CLIENT_TIMEOUT),
+        "SCRIBE_STREAM_CHUNK_CHARS": "1",  # one model call per character: streams last seconds
+        "TMPDIR": str(folder / "tmp"),  # where each worker makes its model server's socket folder
+    }, workers)
 
 
 def generate(server: Gunicorn, seed: int, max_chars: int = 500) -> tuple[requests.Response, float]:
