@@ -102,7 +102,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                                       poll_seconds=settings.poll_seconds,
                                       intra_op_threads=settings.intra_op_threads,
                                       inter_op_threads=settings.inter_op_threads,
-                                      batching=batching, unix_socket=str(socket_path))
+                                      batching=batching, unix_socket=str(socket_path),
+                                      warmup_iterations=settings.warmup_iterations)
         target = f"unix:{socket_path}"
         log.info("embedded model server on %s and 127.0.0.1:%d, models from %s", target,
                  embedded.grpc_port, settings.model_dir)

@@ -47,6 +47,10 @@ class Settings:
     # TF Serving); -1 runs each model call on the thread that makes it, with no hand-off to a pool
     inter_op_threads: int = 0
     batching_config: str = str(ROOT / "serving" / "batching.config")  # embedded server; "" = off
+    # embedded server: runs of each warmup record as a version loads (TF Serving's
+    # --num_request_iterations_for_warmup, set alike in docker-compose.yml); 30 makes the first
+    # generation after a load as fast as the later ones, for about 0.2 s more per bard version
+    warmup_iterations: int = 30
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
     # Digit Predict calls running at once per gateway process (and model pin); requests arriving
     # meanwhile share the next call, up to max_images rows (model_server/batching.py). 0: one

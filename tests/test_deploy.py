@@ -175,6 +175,8 @@ def test_tfserving_flags(services):
     assert flags["batching_parameters_file"] == "/config/batching.config"
     assert flags["monitoring_config_file"] == "/config/monitoring.config"
     assert flags["enable_model_warmup"] == "true"
+    # as many runs of each warmup record as the gateway's embedded model server makes
+    assert int(flags["num_request_iterations_for_warmup"]) == Settings().warmup_iterations > 1
     assert flags["model_config_file_poll_wait_seconds"] == "60"  # the README's "re-read every 60 s"
     assert services["tfserving"]["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
 

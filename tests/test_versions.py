@@ -72,6 +72,24 @@ def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
     assert failed_loads == 1
 
 
+@pytest.mark.parametrize("iterations", [1, 4])
+def test_each_warmup_record_runs_the_configured_number_of_times(trained, tmp_path, iterations):
+    """TF Serving's --num_request_iterations_for_warmup: every record of a loading version runs
+    that many times before the version is AVAILABLE. Counted by the version's batcher, which
+    every model run goes through."""
+    base = copy_model_base(trained, tmp_path / "models")
+    write_warmup_requests(base / "digits" / "1", "digits", [
+        {"image": np.zeros((1, 28, 28), np.float32)}, {"image": np.ones((3, 28, 28), np.float32)}])
+    path = tmp_path / "models.config"
+    path.write_text(DIGITS_CONFIG % "")
+    manager = ServableManager(read_model_config(path), {"/models": str(base)}, batching={},
+                              warmup_iterations=iterations)
+    manager.poll_once()
+    assert [(v, state) for v, state, _ in manager.status("digits")] == [(1, AVAILABLE)]
+    batcher = manager.servable("digits").batchers["serving_default"]
+    assert (batcher.requests_run, batcher.batches_run) == (2 * iterations, 2 * iterations)
+
+
 def test_removing_the_newest_version_rolls_serving_back(two_versions, tmp_path):
     manager = manager_for(two_versions, tmp_path)
     manager.poll_once()

@@ -129,9 +129,11 @@ def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | 
                        poll_seconds: float = 1.0, config_poll_seconds: float = 0,
                        prometheus_path: str | None = None, intra_op_threads: int = 0,
                        inter_op_threads: int = 0, batching: dict | None = None,
-                       unix_socket: str | None = None) -> RunningModelServer:
+                       unix_socket: str | None = None,
+                       warmup_iterations: int = 1) -> RunningModelServer:
     """Start polling versions and serving gRPC (and REST when rest_port is not None). gRPC also
-    listens on `unix_socket` if given: cheaper than TCP for a client on the same machine."""
+    listens on `unix_socket` if given: cheaper than TCP for a client on the same machine. Each
+    warmup record of a loading version runs `warmup_iterations` times."""
     configure_threads(intra_op_threads, inter_op_threads)
     from serving.model_server.grpc_api import start_grpc_server
     from serving.model_server.rest_api import start_rest_server
@@ -139,7 +141,8 @@ def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | 
 
     manager = ServableManager(read_model_config(config_file), base_path_map, poll_seconds,
                               config_file=config_file if config_poll_seconds else None,
-                              config_poll_seconds=config_poll_seconds, batching=batching)
+                              config_poll_seconds=config_poll_seconds, batching=batching,
+                              warmup_iterations=warmup_iterations)
     grpc_server, bound = start_grpc_server(manager, grpc_port, host,  # bind before loading
                                            unix_socket=unix_socket)
     running = RunningModelServer(manager, grpc_server, bound, unix_socket=unix_socket)

