@@ -66,6 +66,9 @@ class ConnectionBalance:
             0 <= count < connections for other, count in enumerate(self.counts) if other != slot)
 
 
+FIRST_LOAD_WAIT_SECONDS = 300  # the longest a worker waits for its embedded models to load
+
+
 class ClientTimeoutWorker(ThreadWorker):
     """gunicorn's gthread worker with a bound on how long a client may stall.
 
@@ -88,6 +91,31 @@ class ClientTimeoutWorker(ThreadWorker):
         self.balance = self.app.balance
         self.log.error_log.addFilter(StalledClientLog(self.client_timeout))
         super().init_process()
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        self.wait_for_embedded_models()
+
+    def wait_for_embedded_models(self) -> None:
+        """A worker with an embedded model server takes connections only once that server has
+        made its first pass over the model folders: each version there loaded and warmed up, or
+        failed. Before, a request could reach a worker whose models were still loading, and get a
+        503 right after another worker had answered /readyz with 200. Meanwhile the worker tells
+        the arbiter it is alive; after FIRST_LOAD_WAIT_SECONDS it takes connections anyway, and
+        /readyz says what is missing."""
+        gateway = getattr(self.wsgi, "extensions", {}).get("scribe")
+        embedded = getattr(gateway, "embedded", None)
+        if embedded is None:  # a remote model server, or not the gateway (bench/floor_app.py)
+            return
+        deadline = time.monotonic() + FIRST_LOAD_WAIT_SECONDS
+        while not embedded.manager.first_poll_done.wait(0.5):
+            if not self.alive:  # told to stop meanwhile (SIGTERM)
+                return
+            self.notify()
+            if time.monotonic() > deadline:
+                self.log.warning("Worker %s: models still loading after %d s; taking connections",
+                                 self.pid, FIRST_LOAD_WAIT_SECONDS)
+                return
 
     def run(self):
         self.log.info("Worker %s is ready and accepting connections", self.pid)

@@ -214,6 +214,9 @@ class ServableManager:
         self._reconcile_lock = threading.Lock()  # one poll at a time (poller thread or a test)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set once the poller has made its first pass: every version then on disk loaded (warmup
+        # records run) or failed. A gateway worker takes connections after it (serving/__main__.py).
+        self.first_poll_done = threading.Event()
         self.metrics = ServerMetrics()
         self.models: dict[str, ModelEntry] = {}
         self.apply_config(config)
@@ -309,6 +312,7 @@ class ServableManager:
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
             self.poll_once()
+            self.first_poll_done.set()
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
