@@ -311,8 +311,10 @@ class ServableManager:
 
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
-            self.first_poll_done.set()
+            try:
+                self.poll_once()
+            finally:  # even a poll that failed is a pass: nobody waits for one that never ends
+                self.first_poll_done.set()
             self._stop.wait(self.poll_seconds)
 
     def poll_once(self) -> None:
