@@ -39,8 +39,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import requests
 
+from serving.model_client import ModelClient
+from serving.model_server import WARMUP_FILE
 from serving.model_server.__main__ import compose_command_line
 from serving.preprocess import sample_drawing
 
@@ -170,9 +173,13 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
             f"--base_path_map=/models={model_base.resolve()}"], {"TF_CPP_MIN_LOG_LEVEL": "2"}, grpc_port)
         servers.append(model_server)
         deadline = time.monotonic() + 180
-        while not all(model_available(rest_port, name) for name in ("digits", "bard")):
-            assert model_server.process.poll() is None and time.monotonic() < deadline, "no model server"
-            time.sleep(0.1)
+        client = ModelClient(f"127.0.0.1:{grpc_port}", timeout=5)
+        try:
+            while not all(model_available(client, name) for name in ("digits", "bard")):
+                assert model_server.process.poll() is None and time.monotonic() < deadline, "no model server"
+                time.sleep(0.1)
+        finally:
+            client.close()
         gateway = Server("gateway apart", [sys.executable, "-m", "serving"], gateway_env, port)
         servers.append(gateway)
         gateway_start = gateway.wait_until_ready()
@@ -189,17 +196,14 @@ def measure_apart(model_base: Path, gateway_env: dict, body: bytes, body_file: P
             "model_server_peak_rss_mb": round(server_memory.peak, 1), **point}
 
 
-def model_available(rest_port: int, name: str) -> bool:
-    """Whether TF Serving's REST API (here the embedded one's) reports a version of `name` AVAILABLE."""
+def model_available(client: ModelClient, name: str) -> bool:
+    """Whether the model server reports a version of `name` AVAILABLE (GetModelStatus)."""
     try:
-        states = requests.get(f"http://127.0.0.1:{rest_port}/v1/models/{name}", timeout=5).json()
-        return any(v["state"] == "AVAILABLE" for v in states.get("model_version_status", []))
-    except (requests.RequestException, ValueError):
+        return any(v["state"] == "AVAILABLE" for v in client.status(name))
+    except grpc.RpcError:  # not listening yet, or the model not known yet
         return False
 
 
-# training.pipeline.WARMUP_FILE's name (not imported: bench/training.py shadows that package here)
-WARMUP_RECORDS = "tf_serving_warmup_requests"
 FOLLOWING = 100
 
 
@@ -318,7 +322,7 @@ def main() -> int:
     results["first_requests"] = {}
     with tempfile.TemporaryDirectory() as folder:
         without_warmup = Path(folder) / "models"
-        shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_RECORDS))
+        shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_FILE.name))
         for key, model_dir in (("warmup records", args.model_base), ("no warmup records", without_warmup)):
             port = free_port()
             env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(model_dir.resolve())}

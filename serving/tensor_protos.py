@@ -32,8 +32,10 @@ NUMBERS = {np.dtype(np.float32): ("DT_FLOAT", "float_val"), np.dtype(np.float64)
            np.dtype(np.int64): ("DT_INT64", "int64_val")}
 VALUE_FIELD = {dtype: field for dtype, (_, field) in NUMBERS.items()}
 TO_ENUM = {dtype: DATA_TYPES[name] for dtype, (name, _) in NUMBERS.items()}
-FROM_ENUM = {enum: dtype for dtype, enum in TO_ENUM.items()}
 DT_BOOL, DT_STRING = DATA_TYPES["DT_BOOL"], DATA_TYPES["DT_STRING"]
+# What from_proto reads without TensorFlow: each DataType's numpy dtype and typed value field.
+FROM_ENUM = {**{enum: (dtype, VALUE_FIELD[dtype]) for dtype, enum in TO_ENUM.items()},
+             DT_BOOL: (np.dtype(np.bool_), "bool_val")}
 LITTLE_ENDIAN = sys.byteorder == "little"
 # gRPC's message limit for the gateway's calls and the embedded model server, above gRPC's 4 MB
 # default like TF Serving's own server. No tensor read here may be larger: typed values may be
@@ -47,7 +49,7 @@ def to_proto(value: np.ndarray, into):
     returns it."""
     array = np.asarray(value)
     shape = into.tensor_shape
-    if array.dtype.kind in "SO" and all(isinstance(v, bytes) for v in array.flat):
+    if array.dtype.kind == "S" or (array.dtype.kind == "O" and all(isinstance(v, bytes) for v in array.flat)):
         into.dtype = DT_STRING
         into.string_val.extend(array.ravel().tolist())
     elif array.dtype == np.bool_:
@@ -82,7 +84,7 @@ def from_proto(proto) -> np.ndarray:
         array = np.empty(len(values), dtype=object)
         array[:] = values
         return _shaped(array, shape, count)
-    dtype = np.dtype(np.bool_) if proto.dtype == DT_BOOL else FROM_ENUM.get(proto.dtype)
+    dtype, field = FROM_ENUM.get(proto.dtype, (None, None))
     if dtype is None or not LITTLE_ENDIAN:
         return _tensorflow(proto.dtype).make_ndarray(proto)
     if count * dtype.itemsize > MAX_MESSAGE_BYTES:
@@ -91,8 +93,7 @@ def from_proto(proto) -> np.ndarray:
         array = np.frombuffer(proto.tensor_content, dtype=dtype)
     else:  # typed values; as TF reads them: none is all zeros, fewer repeat the last one
         try:
-            array = np.array(getattr(proto, "bool_val" if dtype == np.bool_ else VALUE_FIELD[dtype]),
-                             dtype=dtype)
+            array = np.array(getattr(proto, field), dtype=dtype)
         except OverflowError:  # e.g. 300 in the int_val of a uint8 tensor
             raise ValueError(f"a value is out of range for {dtype}") from None
         if array.size == 0:

@@ -144,17 +144,22 @@ def environment_without_scribe_settings() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("SCRIBE_")}
 
 
-def start_gateway(folder: Path, env: dict[str, str], workers: int = 1, timeout: float = 180) -> Gunicorn:
+def launch_gateway(folder: Path, env: dict[str, str], workers: int = 1) -> Gunicorn:
     """`python -m serving` with `env` added to this environment (minus its SCRIBE_* settings),
-    logging to `folder`/gunicorn.log; returned once /readyz answers 200 and every worker has
-    booted."""
+    logging to `folder`/gunicorn.log; returned at once, before it answers."""
     port = free_port()
     env = {**environment_without_scribe_settings(), **env, "PORT": str(port), "SCRIBE_WORKERS": str(workers)}
     log = folder / "gunicorn.log"
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "serving"], cwd=ROOT, env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
-    live = Gunicorn(f"http://127.0.0.1:{port}", port, process, log)
+    return Gunicorn(f"http://127.0.0.1:{port}", port, process, log)
+
+
+def start_gateway(folder: Path, env: dict[str, str], workers: int = 1, timeout: float = 180) -> Gunicorn:
+    """launch_gateway, returned once /readyz answers 200 and every worker has booted."""
+    live = launch_gateway(folder, env, workers)
+    process, log = live.process, live.log
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -13,6 +13,9 @@ from google.protobuf import text_format
 
 from serving.tf_serving_protos import ModelServerConfig
 
+# Where a version keeps its TF Serving warmup records (a TFRecord of PredictionLogs), as TF
+# Serving looks for them.
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 
 def read_model_config(path: str | Path) -> ModelServerConfig:
     """Parse a ModelServerConfig text file, as TF Serving's --model_config_file does (with the

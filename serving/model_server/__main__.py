@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                     args.model_config_file_poll_wait_seconds, prometheus_path,
                                     args.tensorflow_intra_op_parallelism,
                                     args.tensorflow_inter_op_parallelism, batching,
-                                    warmup_iterations=max(1, args.num_request_iterations_for_warmup))
+                                    warmup_iterations=args.num_request_iterations_for_warmup)
     except (OSError, ValueError) as error:
         print(f"model server: {error}", file=sys.stderr)
         return 1

@@ -22,13 +22,13 @@ from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
     FileSystemStoragePathSourceConfig,
 )
 
+from serving.model_server import WARMUP_FILE
 from serving.model_server.batching import DynamicBatcher, QueueFull
 from serving.tensor_protos import from_proto
 from serving.tf_serving_protos import ModelConfig, ModelServerConfig
 
 log = logging.getLogger("scribe.model_server")
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 # TF Serving's ModelVersionStatus.State values.
 START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
 
