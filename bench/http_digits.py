@@ -58,19 +58,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_tree_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB."""
-    total, todo = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (those still alive)."""
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
             for task in Path(f"/proc/{current}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found.append(current)
+    return found
+
+
+def rss_tree_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MB."""
+    total = 0
+    for current in process_tree(pid):
+        try:
+            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{current}/status").read_text()).group(1))
         except (FileNotFoundError, ProcessLookupError, AttributeError):
             continue
     return total / 1024
+
+
+def cpu_tree_seconds(pid: int) -> float:
+    """CPU time (user and system) used so far by a process and its living descendants."""
+    ticks = 0
+    for current in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(pid: int, window: float = 0.3, busy: float = 0.05, timeout: float = 60) -> float:
+    """Wait until a server's process tree uses under `busy` of a core over `window` seconds, and
+    return the seconds waited. When wrk stops, a server may still be working through requests it
+    had queued: Keras's sync workers take about 0.5 s of both cores after 16 clients and 2 s
+    after 64. Measured next without this wait, a server would share the machine with that."""
+    started = time.monotonic()
+    before = cpu_tree_seconds(pid)
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        now = cpu_tree_seconds(pid)
+        if now - before < busy * window:
+            break
+        before = now
+    return time.monotonic() - started
 
 
 class PeakMemory:
@@ -290,6 +328,7 @@ def main() -> int:
         for server in servers:
             server.wait_until_answering(body)
             wrk(server.url + "/v1/digits/predict", 4, 2, body_file)  # warm every worker
+            wait_until_idle(server.process.pid)
         rounds = {server.name: {c: [] for c in CONCURRENCY} for server in servers}
         peaks = {server.name: 0.0 for server in servers}
         for r in range(args.rounds):
@@ -300,10 +339,12 @@ def main() -> int:
                         point = wrk(server.url + "/v1/digits/predict", connections, args.seconds, body_file)
                     if connections == CONCURRENCY[-1]:
                         peaks[server.name] = max(peaks[server.name], memory.peak)
+                    point["drain_seconds"] = round(wait_until_idle(server.process.pid), 1)
                     rounds[server.name][connections].append(point)
                     print(f"round {r + 1} {server.name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
                           f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
-                          f"errors {point['errors'] + point['non2xx']}", flush=True)
+                          f"errors {point['errors'] + point['non2xx']}  "
+                          f"then busy {point['drain_seconds']:.1f} s", flush=True)
     finally:
         for server in servers:
             server.stop()
