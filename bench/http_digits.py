@@ -8,7 +8,8 @@ p50/p90/p99 latency for:
   c. the floor: the gateway's server stack decoding and preprocessing the image, answering
      without a model.
 Also the gateway's cold start (process start to /readyz 200), its first requests after it
-against the next hundred (with the versions' warmup records, and on a copy without them), and
+against the next hundred and against requests after an idle pause (with the versions' warmup
+records, and on a copy without them), and
 the peak memory (RSS of the whole gunicorn process tree) at 64 concurrent clients; and, since
 each of those gateway workers holds its own embedded model server, the peak memory of the
 gateway and of the model server apart, as docker-compose.yml runs them: the model server in its
@@ -243,32 +244,45 @@ def model_available(client: ModelClient, name: str) -> bool:
 
 
 FOLLOWING = 100
+AFTER_IDLE, IDLE_SECONDS = 10, 0.2
 
 
 def first_requests(url: str, body: bytes) -> dict:
     """Milliseconds for the first digits request after /readyz 200, then for the first
     generation, each on a new connection, against the median and the slowest of the FOLLOWING
     after each (a worker that had not answered yet takes some of those: its own first one is
-    among them)."""
+    among them), and against the median of AFTER_IDLE more, each after IDLE_SECONDS with nothing
+    to do. The first request comes after the idle start-up, and on this machine any request after
+    a pause of 50 ms or more is slower than one right after another (an idle virtual CPU, caches
+    gone cold): it is the requests after a pause that show whether the start-up left work for
+    the first one."""
     calls = {
         "digits": lambda: requests.post(url + "/v1/digits/predict", data=body, timeout=30,
                                         headers={"Content-Type": "image/png"}),
         "generation of 100 characters": lambda: requests.post(
             url + "/v1/text/generate", json={"prompt": "ROMEO:", "max_chars": 100, "seed": 1}, timeout=30),
     }
+
+    def timed(name: str, call) -> float:
+        started = time.perf_counter()
+        response = call()
+        elapsed = (time.perf_counter() - started) * 1000
+        if response.status_code != 200:
+            raise RuntimeError(f"{name}: HTTP {response.status_code} {response.text[:300]}")
+        return elapsed
+
     figures = {}
     for name, call in calls.items():
-        times = []
-        for _ in range(1 + FOLLOWING):
-            started = time.perf_counter()
-            response = call()
-            times.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 200:
-                raise RuntimeError(f"{name}: HTTP {response.status_code} {response.text[:300]}")
+        times = [timed(name, call) for _ in range(1 + FOLLOWING)]
+        after_idle = []
+        for _ in range(AFTER_IDLE):
+            time.sleep(IDLE_SECONDS)
+            after_idle.append(timed(name, call))
         following = times[1:]
         figures[name] = {"first_ms": round(times[0], 1),
                          "following_median_ms": round(statistics.median(following), 1),
-                         "following_slowest_ms": round(max(following), 1)}
+                         "following_slowest_ms": round(max(following), 1),
+                         "after_idle_median_ms": round(statistics.median(after_idle), 1)}
     return figures
 
 
@@ -412,7 +426,8 @@ def main() -> int:
     for key, figures in results["first_requests"].items():
         print(f"first requests after a cold start, {key}: " + ("; ".join(
             f"{name} {f['first_ms']:.1f} ms (the next {FOLLOWING}: median {f['following_median_ms']:.1f}, "
-            f"slowest {f['following_slowest_ms']:.1f})" for name, f in figures.items())
+            f"slowest {f['following_slowest_ms']:.1f}; after {IDLE_SECONDS:g} s idle: median "
+            f"{f['after_idle_median_ms']:.1f})" for name, f in figures.items())
             if "error" not in figures else f"FAILED: {figures['error']}"))
     apart = results["apart"]
     if "error" in apart:
