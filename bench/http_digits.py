@@ -65,11 +65,15 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
         except (FileNotFoundError, ProcessLookupError):
-            continue
+            continue  # the process has ended
         found.append(current)
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that ended meanwhile
     return found
 
 
@@ -85,31 +89,35 @@ def rss_tree_mb(pid: int) -> float:
 
 
 def cpu_tree_seconds(pid: int) -> float:
-    """CPU time (user and system) used so far by a process and its living descendants."""
+    """CPU time (user and system) used so far by a process and its descendants: those alive, and
+    those ended and reaped, which their parent's cutime and cstime count."""
     ticks = 0
     for current in process_tree(pid):
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
+            ticks += sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
-        ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_idle(pid: int, window: float = 0.3, busy: float = 0.05, timeout: float = 60) -> float:
+def wait_until_idle(pid: int, window: float = 0.3, busy: float = 0.05, timeout: float = 60) -> float | None:
     """Wait until a server's process tree uses under `busy` of a core over `window` seconds, and
-    return the seconds waited. When wrk stops, a server may still be working through requests it
-    had queued: Keras's sync workers take about 0.5 s of both cores after 16 clients and 2 s
-    after 64. Measured next without this wait, a server would share the machine with that."""
+    return how long it stayed busy (seconds, not counting the quiet window), or None if it was
+    still busy after `timeout`. When wrk stops, a server may still be working through requests
+    it had queued: Keras's sync workers keep 1.5 to 2 cores busy for about 0.5 s after 16 clients
+    and 2 s after 64. Measured next without this wait, a server would share the machine with
+    that."""
     started = time.monotonic()
     before = cpu_tree_seconds(pid)
     while time.monotonic() - started < timeout:
         time.sleep(window)
         now = cpu_tree_seconds(pid)
-        if now - before < busy * window:
-            break
+        if 0 <= now - before < busy * window:
+            return max(0.0, time.monotonic() - started - window)
         before = now
-    return time.monotonic() - started
+    print(f"warning: process {pid} still busy after {timeout:g} s; measuring on", file=sys.stderr, flush=True)
+    return None
 
 
 class PeakMemory:
@@ -252,10 +260,9 @@ def first_requests(url: str, body: bytes) -> dict:
     generation, each on a new connection, against the median and the slowest of the FOLLOWING
     after each (a worker that had not answered yet takes some of those: its own first one is
     among them), and against the median of AFTER_IDLE more, each after IDLE_SECONDS with nothing
-    to do. The first request comes after the idle start-up, and on this machine any request after
-    a pause of 50 ms or more is slower than one right after another (an idle virtual CPU, caches
-    gone cold): it is the requests after a pause that show whether the start-up left work for
-    the first one."""
+    to do. The first request of each model is sent after such a pause too: on this machine any
+    request after a pause of 50 ms or more is slower than one right after another, so it is the
+    requests after a pause that show whether the start-up left work for the first one."""
     calls = {
         "digits": lambda: requests.post(url + "/v1/digits/predict", data=body, timeout=30,
                                         headers={"Content-Type": "image/png"}),
@@ -273,6 +280,7 @@ def first_requests(url: str, body: bytes) -> dict:
 
     figures = {}
     for name, call in calls.items():
+        time.sleep(IDLE_SECONDS)
         times = [timed(name, call) for _ in range(1 + FOLLOWING)]
         after_idle = []
         for _ in range(AFTER_IDLE):
@@ -353,12 +361,13 @@ def main() -> int:
                         point = wrk(server.url + "/v1/digits/predict", connections, args.seconds, body_file)
                     if connections == CONCURRENCY[-1]:
                         peaks[server.name] = max(peaks[server.name], memory.peak)
-                    point["drain_seconds"] = round(wait_until_idle(server.process.pid), 1)
+                    busy_after = wait_until_idle(server.process.pid)
+                    point["busy_after_seconds"] = None if busy_after is None else round(busy_after, 1)
                     rounds[server.name][connections].append(point)
                     print(f"round {r + 1} {server.name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
                           f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
-                          f"errors {point['errors'] + point['non2xx']}  "
-                          f"then busy {point['drain_seconds']:.1f} s", flush=True)
+                          f"errors {point['errors'] + point['non2xx']}  then busy "
+                          + ("over 60 s" if busy_after is None else f"{busy_after:.1f} s"), flush=True)
     finally:
         for server in servers:
             server.stop()
