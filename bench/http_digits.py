@@ -101,7 +101,11 @@ def cpu_tree_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_idle(pid: int, window: float = 0.3, busy: float = 0.05, timeout: float = 60) -> float | None:
+IDLE_TIMEOUT_SECONDS = 60  # the longest the benchmark waits for a server to go idle
+
+
+def wait_until_idle(pid: int, window: float = 0.3, busy: float = 0.05,
+                    timeout: float = IDLE_TIMEOUT_SECONDS) -> float | None:
     """Wait until a server's process tree uses under `busy` of a core over `window` seconds, and
     return how long it stayed busy (seconds, not counting the quiet window), or None if it was
     still busy after `timeout`. When wrk stops, a server may still be working through requests
@@ -367,7 +371,8 @@ def main() -> int:
                     print(f"round {r + 1} {server.name:24s} c={connections:<3d} {point['rps']:9.1f} req/s  "
                           f"p50 {point['p50_ms']:7.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
                           f"errors {point['errors'] + point['non2xx']}  then busy "
-                          + ("over 60 s" if busy_after is None else f"{busy_after:.1f} s"), flush=True)
+                          + (f"over {IDLE_TIMEOUT_SECONDS} s" if busy_after is None
+                             else f"{busy_after:.1f} s"), flush=True)
     finally:
         for server in servers:
             server.stop()

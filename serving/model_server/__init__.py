@@ -17,6 +17,7 @@ from serving.tf_serving_protos import ModelServerConfig
 # Serving looks for them.
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 
+
 def read_model_config(path: str | Path) -> ModelServerConfig:
     """Parse a ModelServerConfig text file, as TF Serving's --model_config_file does (with the
     gateway's own copy of the message: the gateway reads the model names without TensorFlow;
