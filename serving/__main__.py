@@ -95,6 +95,10 @@ class ClientTimeoutWorker(ThreadWorker):
     def load_wsgi(self):
         super().load_wsgi()
         self.wait_for_embedded_models()
+        if "scribe" in getattr(self.wsgi, "extensions", {}) and self.alive:
+            from serving.app import warm_up_requests  # in the worker, as the app itself
+
+            warm_up_requests(self.wsgi)
 
     def wait_for_embedded_models(self) -> None:
         """A worker with an embedded model server takes connections only once that server has

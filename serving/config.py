@@ -34,6 +34,12 @@ def socket_folder_prefix(pid: int) -> str:
     return f"scribe-{pid}-"
 
 
+# In the WSGI environ of the gateway's own warm-up requests (serving/app.py: warm_up_requests):
+# the HTTP metrics leave them out and the API key check lets them through. No client can set it:
+# a WSGI server puts request headers under HTTP_* keys.
+WARM_UP_ENVIRON = "scribe.warm_up"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every field is read from the environment variable SCRIBE_<FIELD NAME> (PORT for port)."""

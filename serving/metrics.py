@@ -8,6 +8,8 @@ from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from serving.config import WARM_UP_ENVIRON
+
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -42,7 +44,7 @@ def install_metrics(app: Flask) -> CollectorRegistry:
     @app.after_request
     def record(response):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        if endpoint != "/metrics":
+        if endpoint != "/metrics" and not request.environ.get(WARM_UP_ENVIRON):
             requests.labels(endpoint, request.method, str(response.status_code)).inc()
             if response.status_code >= 400:
                 errors.labels(endpoint, str(response.status_code)).inc()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flask import Flask, Response, request
 
-from serving.config import Settings
+from serving.config import WARM_UP_ENVIRON, Settings
 from serving.errors import ApiError
 
 PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico"}
@@ -90,7 +90,8 @@ def install_security(app: Flask, settings: Settings) -> None:
                 "Access-Control-Allow-Headers": CORS_HEADERS,
                 "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS)})
             return preflight
-        if key_digests and not (request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIX)):
+        if key_digests and not (request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIX)
+                                or request.environ.get(WARM_UP_ENVIRON)):
             presented = presented_key()
             if not presented:
                 raise ApiError(401, "unauthorized", "an API key is required: send "
