@@ -94,23 +94,36 @@ class ClientTimeoutWorker(ThreadWorker):
 
     def load_wsgi(self):
         super().load_wsgi()
-        self.wait_for_embedded_models()
-        if "scribe" in getattr(self.wsgi, "extensions", {}) and self.alive:
-            from serving.app import warm_up_requests  # in the worker, as the app itself
+        gateway = getattr(self.wsgi, "extensions", {}).get("scribe")
+        if gateway is None:  # not the gateway (bench/floor_app.py)
+            return
+        if gateway.embedded is not None:
+            self.wait_for_embedded_models(gateway.embedded)
+        if self.alive:  # not told to stop meanwhile
+            self.warm_up()
 
-            warm_up_requests(self.wsgi)
+    def warm_up(self) -> None:
+        """The gateway's own warm-up requests (serving/app.py), telling the arbiter the worker is
+        alive between them. An optional speed-up: should it fail, the worker serves anyway (an
+        exception here would stop the whole server, as a worker that cannot boot does)."""
+        from serving.app import warm_up_requests  # in the worker, as the app itself
 
-    def wait_for_embedded_models(self) -> None:
+        def go_on() -> bool:
+            self.notify()
+            return self.alive
+
+        try:
+            warm_up_requests(self.wsgi, go_on)
+        except Exception:  # noqa: BLE001 - logged; the worker serves without the warm-up
+            self.log.exception("Worker %s: warm-up failed; taking connections anyway", self.pid)
+
+    def wait_for_embedded_models(self, embedded) -> None:
         """A worker with an embedded model server takes connections only once that server has
         made its first pass over the model folders: each version there loaded and warmed up, or
         failed. Before, a request could reach a worker whose models were still loading, and get a
         503 right after another worker had answered /readyz with 200. Meanwhile the worker tells
         the arbiter it is alive; after FIRST_LOAD_WAIT_SECONDS it takes connections anyway, and
         /readyz says what is missing."""
-        gateway = getattr(self.wsgi, "extensions", {}).get("scribe")
-        embedded = getattr(gateway, "embedded", None)
-        if embedded is None:  # a remote model server, or not the gateway (bench/floor_app.py)
-            return
         deadline = time.monotonic() + FIRST_LOAD_WAIT_SECONDS
         while not embedded.manager.first_poll_done.wait(0.5):
             if not self.alive:  # told to stop meanwhile (SIGTERM)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,23 +186,26 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def warm_up_requests(app: Flask) -> None:
-    """Send one request of each kind the page and API clients send through this process's own
-    app, before it takes connections (python -m serving's workers call it): a digits drawing as
-    the page posts it (multipart, RGBA) and as a PNG body, and a short streamed generation. The
-    first real request then finds the gRPC channel connected and the first-use costs of Flask,
-    the gRPC client and the model server's handlers paid. In-process, a worker's first digits
-    request took 12 ms here against 6.5 for the next ones without it, and 6.6 against 6.1 with
-    it (each sent after a 0.2 s pause).
+def warm_up_requests(app: Flask, go_on: Callable[[], bool] = lambda: True) -> None:
+    """Send a few requests through this process's own app before it takes connections (python -m
+    serving's workers call it): a digits drawing as the page posts it (multipart, RGBA), one as a
+    PNG body, and a short streamed generation. The first real request then finds the gRPC channel
+    connected and the first-use costs of Flask, the gRPC client and the model server's handlers
+    paid: in-process, a worker's first digits request took 12 ms here against 6.5 for the next
+    ones without it, 6.6 against 6.1 with it (each sent after a 0.2 s pause).
 
-    The HTTP metrics leave these requests out; the model call metrics count their calls, which
-    the model server did run. A request whose model is not available only logs its answer
-    (/readyz says why); when the model server does not accept the channel within
-    WARM_UP_CONNECT_SECONDS, the warm-up is skipped."""
+    The HTTP metrics leave these requests out; the model call and generation metrics count the
+    work the model server did for them. An answer other than 200 (a model not available:
+    /readyz says why) is logged. The warm-up is skipped when the model server does not accept
+    the channel within WARM_UP_CONNECT_SECONDS, stops at the first model timeout (504: the rest
+    would wait as long), and stops before any request when `go_on()` says so (the worker was
+    told to stop)."""
     gateway = app.extensions["scribe"]
+    connected = grpc.channel_ready_future(gateway.client.channel)
     try:
-        grpc.channel_ready_future(gateway.client.channel).result(timeout=WARM_UP_CONNECT_SECONDS)
+        connected.result(timeout=WARM_UP_CONNECT_SECONDS)
     except grpc.FutureTimeoutError:
+        connected.cancel()
         log.warning("warm-up skipped: the model server at %s is not reachable", gateway.client.target)
         return
     client, started = app.test_client(), time.perf_counter()
@@ -213,13 +217,17 @@ def warm_up_requests(app: Flask) -> None:
     ]
     answered = 0
     for path, body in sent:
+        if not go_on():
+            return
         # Closed when done: a generation holds one of the process's slots until its response is.
         with client.post(path, environ_overrides={WARM_UP_ENVIRON: True}, **body) as response:
             text = response.get_data(as_text=True)  # a stream runs as it is read
         if response.status_code == 200:
             answered += 1
-        else:
-            log.info("warm-up: %s answered %d: %s", path, response.status_code, text[:200])
+            continue
+        log.info("warm-up: %s answered %d: %s", path, response.status_code, text[:200])
+        if response.status_code == 504:
+            break
     log.info("warm-up: %d of %d requests answered in %.0f ms", answered, len(sent),
              (time.perf_counter() - started) * 1000)
 
