@@ -8,8 +8,9 @@ p50/p90/p99 latency for:
   c. the floor: the gateway's server stack decoding and preprocessing the image, answering
      without a model.
 Also the gateway's cold start (process start to /readyz 200), its first requests after it
-against the next hundred and against requests after an idle pause (with the versions' warmup
-records, and on a copy without them), and
+against the next hundred and against requests after an idle pause, the same once a new version
+of each model has been pushed while it serves (with the version's warmup records, and without
+them), and
 the peak memory (RSS of the whole gunicorn process tree) at 64 concurrent clients; and, since
 each of those gateway workers holds its own embedded model server, the peak memory of the
 gateway and of the model server apart, as docker-compose.yml runs them: the model server in its
@@ -260,13 +261,14 @@ AFTER_IDLE, IDLE_SECONDS = 10, 0.2
 
 
 def first_requests(url: str, body: bytes) -> dict:
-    """Milliseconds for the first digits request after /readyz 200, then for the first
-    generation, each on a new connection, against the median and the slowest of the FOLLOWING
-    after each (a worker that had not answered yet takes some of those: its own first one is
-    among them), and against the median of AFTER_IDLE more, each after IDLE_SECONDS with nothing
-    to do. The first request of each model is sent after such a pause too: on this machine any
-    request after a pause of 50 ms or more is slower than one right after another, so it is the
-    requests after a pause that show whether the start-up left work for the first one."""
+    """Milliseconds for the first digits request after /readyz 200 (or after new versions
+    began serving), then for the first generation, each on a new connection, against the median
+    and the slowest of the FOLLOWING after each (a worker that had not answered yet takes some of
+    those: its own first one is among them), and against the median of AFTER_IDLE more, each
+    after IDLE_SECONDS with nothing to do. The first request of each model is sent after such a
+    pause too: on this machine any request after a pause of 50 ms or more is slower than one
+    right after another, so it is the requests after a pause that show whether the start-up (or
+    the load) left work for the first one."""
     calls = {
         "digits": lambda: requests.post(url + "/v1/digits/predict", data=body, timeout=30,
                                         headers={"Content-Type": "image/png"}),
@@ -296,6 +298,38 @@ def first_requests(url: str, body: bytes) -> dict:
                          "following_slowest_ms": round(max(following), 1),
                          "after_idle_median_ms": round(statistics.median(after_idle), 1)}
     return figures
+
+
+def push_next_versions(models: Path, records: bool) -> dict[str, int]:
+    """Push a copy of each model's newest version as its next one, with or without its warmup
+    records, as a training job pushes: copied under a name the model server ignores, then
+    renamed into place in one step. Returns each model's new version."""
+    pushed = {}
+    for base in sorted(path for path in models.iterdir() if path.is_dir()):
+        newest = max(int(v.name) for v in base.iterdir() if v.name.isdigit())
+        staging = base / f".pushing-{newest + 1}"
+        shutil.copytree(base / str(newest), staging,
+                        ignore=None if records else shutil.ignore_patterns(WARMUP_FILE.name))
+        staging.rename(base / str(newest + 1))
+        pushed[base.name] = newest + 1
+    return pushed
+
+
+SERVING_CHECKS = 20  # answers in a row, each on a new connection, that must show the new versions
+
+
+def wait_until_serving(url: str, versions: dict[str, int], timeout: float = 120) -> None:
+    """Wait until SERVING_CHECKS answers of /v1/models in a row, each on a new connection (so
+    from either worker: each has its own embedded model server, which loads the version itself),
+    name `versions` as the ones serving."""
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while in_a_row < SERVING_CHECKS:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"versions {versions} not serving after {timeout:g} s")
+        models = requests.get(url + "/v1/models", timeout=10).json()["models"]
+        serving = {m["name"]: m["serving_version"] for m in models if m["name"] in versions}
+        in_a_row = in_a_row + 1 if serving == versions else 0
+        time.sleep(0.05)
 
 
 def gunicorn(app: str, port: int) -> list[str]:
@@ -384,29 +418,34 @@ def main() -> int:
         results["servers"][name] = {"peak_rss_mb": round(peaks[name], 1), "points": points}
 
     # Cold start: process start to /readyz 200 (every configured model AVAILABLE), then the first
-    # requests against the next ones; then the same on a copy of the versions without their
-    # warmup records, to show what those are worth.
+    # requests against the next ones; then the same once a new version of each model has been
+    # pushed while serving, with its warmup records and without them, to show what those are
+    # worth: at a cold start each worker's own warm-up requests (serving/app.py) reach the
+    # model first, but a version loaded while serving meets the first user's request directly.
     # A failure here is reported, and the figures above are still written.
     failed = False
     results["first_requests"] = {}
     with tempfile.TemporaryDirectory() as folder:
-        without_warmup = Path(folder) / "models"
-        shutil.copytree(args.model_base, without_warmup, ignore=shutil.ignore_patterns(WARMUP_FILE.name))
-        for key, model_dir in (("warmup records", args.model_base), ("no warmup records", without_warmup)):
-            port = free_port()
-            env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(model_dir.resolve())}
-            server = Server("cold start", [sys.executable, "-m", "serving"], env, port)
-            try:
-                cold = server.wait_until_ready()
-                if key == "warmup records":
-                    results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
-                if cold is None:
-                    raise TimeoutError("/readyz did not answer 200 in time")
+        models = Path(folder) / "models"
+        shutil.copytree(args.model_base, models)  # a copy: the new versions are pushed into it
+        port = free_port()
+        env = {**gateway_env, "PORT": str(port), "SCRIBE_MODEL_DIR": str(models)}
+        server = Server("cold start", [sys.executable, "-m", "serving"], env, port)
+        key = "cold start"
+        try:
+            cold = server.wait_until_ready()
+            results["cold_start_seconds_to_readyz"] = None if cold is None else round(cold, 2)
+            if cold is None:
+                raise TimeoutError("/readyz did not answer 200 in time")
+            results["first_requests"][key] = first_requests(server.url, body)
+            for records in (True, False):
+                key = "new version, " + ("warmup records" if records else "no warmup records")
+                wait_until_serving(server.url, push_next_versions(models, records))
                 results["first_requests"][key] = first_requests(server.url, body)
-            except Exception as error:  # noqa: BLE001 - reported, and the run's figures kept
-                results["first_requests"][key], failed = {"error": repr(error)}, True
-            finally:
-                server.stop()
+        except Exception as error:  # noqa: BLE001 - reported, and the run's figures kept
+            results["first_requests"][key], failed = {"error": repr(error)}, True
+        finally:
+            server.stop()
     try:
         results["apart"] = measure_apart(args.model_base, gateway_env, body, body_file, args.seconds)
     except Exception as error:  # noqa: BLE001 - reported, and the run's figures kept
@@ -438,7 +477,7 @@ def main() -> int:
               + f"   {at[16]['p50_ms']:6.1f} / {at[16]['p99_ms']:6.1f} ms   {server['peak_rss_mb']:8.0f} MB")
     print(json.dumps(results["ratios_at_16"]), "cold start:", results["cold_start_seconds_to_readyz"], "s")
     for key, figures in results["first_requests"].items():
-        print(f"first requests after a cold start, {key}: " + ("; ".join(
+        print(f"first requests, {key}: " + ("; ".join(
             f"{name} {f['first_ms']:.1f} ms (the next {FOLLOWING}: median {f['following_median_ms']:.1f}, "
             f"slowest {f['following_slowest_ms']:.1f}; after {IDLE_SECONDS:g} s idle: median "
             f"{f['after_idle_median_ms']:.1f})" for name, f in figures.items())
