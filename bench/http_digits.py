@@ -48,6 +48,7 @@ from serving.model_client import ModelClient
 from serving.model_server import WARMUP_FILE
 from serving.model_server.__main__ import compose_command_line
 from serving.preprocess import sample_drawing
+from training.push import latest_version, push_version
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -302,16 +303,16 @@ def first_requests(url: str, body: bytes) -> dict:
 
 def push_next_versions(models: Path, records: bool) -> dict[str, int]:
     """Push a copy of each model's newest version as its next one, with or without its warmup
-    records, as a training job pushes: copied under a name the model server ignores, then
-    renamed into place in one step. Returns each model's new version."""
+    records, as a training job pushes (training/push.py: staged, then renamed into place).
+    Returns each model's new version."""
     pushed = {}
-    for base in sorted(path for path in models.iterdir() if path.is_dir()):
-        newest = max(int(v.name) for v in base.iterdir() if v.name.isdigit())
-        staging = base / f".pushing-{newest + 1}"
-        shutil.copytree(base / str(newest), staging,
-                        ignore=None if records else shutil.ignore_patterns(WARMUP_FILE.name))
-        staging.rename(base / str(newest + 1))
-        pushed[base.name] = newest + 1
+    with tempfile.TemporaryDirectory() as scratch:
+        for base in sorted(path for path in models.iterdir() if path.is_dir()):
+            export = base / str(latest_version(base))
+            if not records:
+                export = Path(shutil.copytree(export, Path(scratch) / base.name,
+                                              ignore=shutil.ignore_patterns(WARMUP_FILE.name)))
+            pushed[base.name] = push_version(export, base)
     return pushed
 
 
