@@ -33,7 +33,7 @@ BENCH_MODELS := bench/results/models
 bench: install
 	@command -v wrk > /dev/null || { [ "$$(id -u)" -eq 0 ] && S= || S=sudo; \
 	    $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq wrk; }
-	$(PY) bench/training.py --model-base $(BENCH_MODELS)
+	$(PY) bench/training_speed.py --model-base $(BENCH_MODELS)
 	$(PY) bench/http_digits.py --model-base $(BENCH_MODELS)
 	$(PY) bench/generation.py --model-base $(BENCH_MODELS) --repeats 7
 

@@ -10,7 +10,7 @@ The cpu-profile runs push their models to --model-base, so the serving benchmark
 in `make bench` measure models trained in the same run (bard's with few steps: generation speed
 depends on the network's size, not on how well it is trained). The gpu profiles need a GPU.
 
-    python bench/training.py [--model-base bench/results/models] [--bard-steps 60]
+    python bench/training_speed.py [--model-base bench/results/models] [--bard-steps 60]
 """
 
 from __future__ import annotations
