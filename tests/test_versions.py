@@ -54,13 +54,18 @@ def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
     base = copy_model_base(trained, tmp_path / "models")
     manager = manager_for(base, tmp_path)
     manager.poll_once()
+    serving = manager.servable("digits")
     broken = base / "digits" / "2"
     shutil.copytree(base / "digits" / "1", broken)
     corrupt(broken)
     with caplog.at_level(logging.ERROR, logger="scribe.model_server"):
         manager.poll_once()
+        # The very poll that failed to load version 2 left version 1 loaded: the same servable,
+        # never unloaded and reloaded, so no request found the model without a version.
+        assert manager.servable("digits") is serving
+        assert manager.status("digits", 1) == [(1, AVAILABLE, "")]
         manager.poll_once()  # a failed version is not retried until its files change
-    assert manager.servable("digits").version == 1
+    assert manager.servable("digits") is serving
     status = {v: (state, error) for v, state, error in manager.status("digits")}
     failed_loads = len([r for r in caplog.records if "Failed to load version 2" in r.message])
     record(f"newest_version_broken_{corrupt.__name__}", versions_on_disk=2,

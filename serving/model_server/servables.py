@@ -332,7 +332,9 @@ class ServableManager:
         loadable = {v: mtime for v, mtime in on_disk.items()
                     if not (v in entry.states and entry.states[v].error
                             and entry.states[v].mtime == mtime)}
-        wanted = _apply_policy(entry.config.model_version_policy, sorted(loadable))
+        policy = entry.config.model_version_policy
+        wanted = _apply_policy(policy, sorted(loadable))
+        failed = set()
         for version in sorted(set(wanted) - set(entry.loaded), reverse=True):
             path = entry.base_path / str(version)
             with self._lock:
@@ -344,11 +346,16 @@ class ServableManager:
                 log.error(message)
                 with self._lock:
                     entry.states[version] = VersionState(END, message, on_disk[version])
+                failed.add(version)
                 continue
             with self._lock:
                 entry.loaded[version] = servable
                 entry.states[version] = VersionState(AVAILABLE, mtime=on_disk[version])
             log.info("loaded version %d of %s", version, name)
+        if failed:
+            # The policy without the versions that failed, as the next poll will apply it: the
+            # versions they were to replace keep serving, and the model is never left without one.
+            wanted = _apply_policy(policy, sorted(set(loadable) - failed))
         # Unload only what is no longer wanted, after the new versions are serving.
         for version in sorted(set(entry.loaded) - set(wanted)):
             with self._lock:
