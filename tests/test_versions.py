@@ -112,6 +112,25 @@ def test_a_policy_whose_versions_all_fail_to_load_keeps_the_newest_version_servi
     assert status == {2: END, 1: AVAILABLE}
 
 
+def test_the_version_serving_stays_available_when_its_folder_goes_and_the_new_one_cannot_load(
+        trained, tmp_path):
+    """Version 1's folder removed and a broken version 2 added: the loaded version 1 keeps
+    serving, and its status still says AVAILABLE (so /readyz stays 200 while it answers)."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    serving = manager.servable("digits")
+    shutil.copytree(base / "digits" / "1", base / "digits" / "2")
+    corrupt_graph(base / "digits" / "2")
+    shutil.rmtree(base / "digits" / "1")
+    for _ in range(2):
+        manager.poll_once()
+        assert manager.servable("digits") is serving
+        assert manager.is_available("digits")
+    status = {v: state for v, state, _ in manager.status("digits")}
+    assert status == {2: END, 1: AVAILABLE}
+
+
 @pytest.mark.parametrize("iterations", [1, 4])
 def test_each_warmup_record_runs_the_configured_number_of_times(trained, tmp_path, iterations):
     """TF Serving's --num_request_iterations_for_warmup: every record of a loading version runs

@@ -355,8 +355,8 @@ class ServableManager:
                 entry.states[version] = VersionState(END)
             log.info("unloaded version %d of %s", version, name)
         with self._lock:  # versions that vanished from disk before they loaded are forgotten
-            for version in [v for v, s in entry.states.items()
-                            if v not in on_disk and s.state != END]:
+            for version in [v for v, s in entry.states.items()  # (a kept one still serves)
+                            if v not in on_disk and v not in entry.loaded and s.state != END]:
                 entry.states[version] = VersionState(END)
 
     def _load(self, entry: ModelEntry, version: int, mtime: float) -> bool:
