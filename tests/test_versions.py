@@ -93,42 +93,38 @@ def test_two_new_versions_at_once_the_newest_broken_the_other_takes_over_in_the_
     assert status == {3: END, 2: AVAILABLE, 1: END}
 
 
-def test_a_policy_whose_versions_all_fail_to_load_keeps_the_newest_version_serving(trained, tmp_path):
-    """As TF Serving's availability-preserving policy: a config naming only a version that cannot
-    load leaves the version already serving in place, through the failing poll and the next."""
+def keeps_version_1_serving(trained, tmp_path, change) -> None:
+    """Version 1 serving, then a broken version 2 on disk and `change(base, manager)`: through the
+    poll that fails to load version 2 and the next, version 1's servable keeps serving and its
+    status says AVAILABLE (so /readyz stays 200 while it answers)."""
     base = copy_model_base(trained, tmp_path / "models")
     manager = manager_for(base, tmp_path)
     manager.poll_once()
     serving = manager.servable("digits")
     shutil.copytree(base / "digits" / "1", base / "digits" / "2")
     corrupt_graph(base / "digits" / "2")
-    specific = tmp_path / "specific.config"
-    specific.write_text(DIGITS_CONFIG % "model_version_policy { specific { versions: 2 } }")
-    manager.apply_config(read_model_config(specific))
+    change(base, manager)
     for _ in range(2):
         manager.poll_once()
         assert manager.servable("digits") is serving
     status = {v: state for v, state, _ in manager.status("digits")}
     assert status == {2: END, 1: AVAILABLE}
+
+
+def test_a_policy_whose_versions_all_fail_to_load_keeps_the_newest_version_serving(trained, tmp_path):
+    """As TF Serving's availability-preserving policy: a config naming only a version that cannot
+    load leaves the version already serving in place."""
+    def pin_version_2(base, manager):
+        specific = tmp_path / "specific.config"
+        specific.write_text(DIGITS_CONFIG % "model_version_policy { specific { versions: 2 } }")
+        manager.apply_config(read_model_config(specific))
+
+    keeps_version_1_serving(trained, tmp_path, pin_version_2)
 
 
 def test_the_version_serving_stays_available_when_its_folder_goes_and_the_new_one_cannot_load(
         trained, tmp_path):
-    """Version 1's folder removed and a broken version 2 added: the loaded version 1 keeps
-    serving, and its status still says AVAILABLE (so /readyz stays 200 while it answers)."""
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    serving = manager.servable("digits")
-    shutil.copytree(base / "digits" / "1", base / "digits" / "2")
-    corrupt_graph(base / "digits" / "2")
-    shutil.rmtree(base / "digits" / "1")
-    for _ in range(2):
-        manager.poll_once()
-        assert manager.servable("digits") is serving
-        assert manager.is_available("digits")
-    status = {v: state for v, state, _ in manager.status("digits")}
-    assert status == {2: END, 1: AVAILABLE}
+    keeps_version_1_serving(trained, tmp_path, lambda base, _: shutil.rmtree(base / "digits" / "1"))
 
 
 @pytest.mark.parametrize("iterations", [1, 4])
