@@ -198,11 +198,16 @@ class LiveGateway:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def model_report(self, name: str = "digits") -> dict:
+        """The model's entry in GET /v1/models (available, serving_version, versions, ...); {} for a
+        model the gateway does not serve."""
+        models = requests.get(self.url + "/v1/models", timeout=10).json()["models"]
+        return next((m for m in models if m["name"] == name), {})
+
     def wait_for_model(self, name: str = "digits", timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            models = requests.get(self.url + "/v1/models", timeout=10).json()["models"]
-            if any(m["name"] == name and m["available"] for m in models):
+            if self.model_report(name).get("available"):
                 return
             time.sleep(0.1)
         raise AssertionError(f"{name} did not become available")

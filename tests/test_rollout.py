@@ -104,8 +104,7 @@ def test_a_version_that_cannot_load_appearing_under_load_fails_no_request(traine
             broken.rename(base / "digits" / "2")  # whole at once, as a push would make it appear
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and status.get(2, {}).get("state") != "END":
-                models = requests.get(live.url + "/v1/models", timeout=10).json()["models"]
-                status = {v["version"]: v for m in models if m["name"] == "digits" for v in m["versions"]}
+                status = {v["version"]: v for v in live.model_report("digits")["versions"]}
                 time.sleep(0.1)
             time.sleep(1.0)  # five more polls
     finally:
