@@ -127,6 +127,64 @@ def test_the_version_serving_stays_available_when_its_folder_goes_and_the_new_on
     keeps_version_1_serving(trained, tmp_path, lambda base, _: shutil.rmtree(base / "digits" / "1"))
 
 
+def move_base_path(manager, tmp_path, folder: str) -> None:
+    """Reload the config with the digits model's base path moved to /models/<folder>."""
+    moved = tmp_path / "moved.config"
+    moved.write_text(DIGITS_CONFIG.replace("/models/digits", f"/models/{folder}") % "")
+    manager.apply_config(read_model_config(moved))
+
+
+def test_a_moved_base_path_keeps_the_old_versions_serving_until_the_new_ones_load(
+        trained, tmp_path):
+    """A config reload pointing the model at another folder: the version loaded from the old one
+    answers until the poll that loads the new folder's version, which replaces it even under
+    the same number."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    old = manager.servable("digits")
+    shutil.copytree(base / "digits", base / "moved")
+    move_base_path(manager, tmp_path, "moved")
+    assert manager.servable("digits") is old  # between the reload and the next poll
+    manager.poll_once()
+    new = manager.servable("digits")
+    assert new is not old and (new.version, new.path) == (1, base / "moved" / "1")
+    assert old not in manager.models["digits"].loaded.values()  # unloaded
+    assert manager.status("digits") == [(1, AVAILABLE, "")]
+    shutil.copytree(base / "moved" / "1", base / "moved" / "2")
+    manager.poll_once()
+    assert manager.servable("digits").path == base / "moved" / "2"
+
+
+def test_a_moved_base_path_whose_versions_cannot_load_keeps_the_old_one_serving(trained, tmp_path):
+    def move_to_a_broken_version_2(base, manager):
+        shutil.copytree(base / "digits" / "2", base / "moved" / "2")
+        move_base_path(manager, tmp_path, "moved")
+
+    keeps_version_1_serving(trained, tmp_path, move_to_a_broken_version_2)
+
+
+def test_a_moved_base_path_whose_version_of_the_same_number_cannot_load_keeps_the_old_one(
+        trained, tmp_path):
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    old = manager.servable("digits")
+    shutil.copytree(base / "digits", base / "moved")
+    corrupt_graph(base / "moved" / "1")
+    move_base_path(manager, tmp_path, "moved")
+    for _ in range(2):  # the failed load is not retried until its files change
+        manager.poll_once()
+        assert manager.servable("digits") is old
+    [(version, state, error)] = manager.status("digits")
+    assert (version, state) == (1, AVAILABLE)
+    assert f"Failed to load version 1 of digits from {base / 'moved' / '1'}" in error
+    shutil.copytree(base / "digits" / "1", base / "moved" / "2")
+    manager.poll_once()
+    assert manager.servable("digits").path == base / "moved" / "2"
+    assert {v: state for v, state, _ in manager.status("digits")} == {2: AVAILABLE, 1: END}
+
+
 @pytest.mark.parametrize("iterations", [1, 4])
 def test_each_warmup_record_runs_the_configured_number_of_times(trained, tmp_path, iterations):
     """TF Serving's --num_request_iterations_for_warmup: every record of a loading version runs

@@ -223,7 +223,9 @@ class ServableManager:
 
     def apply_config(self, config: ModelServerConfig) -> None:
         """Serve the models `config` lists: new ones are added, removed ones dropped, changed
-        base paths, policies or labels take effect from the next poll."""
+        base paths, policies or labels take effect from the next poll. A model whose base path
+        changed keeps serving the versions it loaded from the old one until the policy's versions
+        from the new one load; while none of those can load, the newest of them stays."""
         wanted = {m.name: m for m in config.model_config_list.config}
         with self._lock:
             for name in list(self.models):
@@ -233,10 +235,14 @@ class ServableManager:
             for name, model in wanted.items():
                 base = map_base_path(model.base_path, self.base_path_map)
                 entry = self.models.get(name)
-                if entry is None or entry.base_path != base:
+                if entry is None:
                     self.models[name] = ModelEntry(model, base)
-                else:
-                    entry.config = model
+                    continue
+                entry.config = model
+                if entry.base_path != base:
+                    log.info("model %s moves from %s to %s", name, entry.base_path, base)
+                    entry.base_path = base  # what failed or went under the old path is forgotten
+                    entry.states = {v: VersionState(AVAILABLE) for v in entry.loaded}
 
     def _reload_config_if_due(self) -> None:
         if not self.config_file or time.monotonic() - self._config_checked < self.config_poll_seconds:
@@ -336,7 +342,8 @@ class ServableManager:
         failed = set()
         while True:  # the policy over the versions that can load; again after a load fails
             wanted = _apply_policy(policy, sorted(set(loadable) - failed))
-            new = sorted(set(wanted) - set(entry.loaded), reverse=True)
+            current = {v for v, s in entry.loaded.items() if s.path == entry.base_path / str(v)}
+            new = sorted(set(wanted) - current, reverse=True)
             if not new:
                 break  # every wanted version is serving
             for version in new:
@@ -351,9 +358,11 @@ class ServableManager:
             unwanted.pop()
         for version in unwanted:
             with self._lock:
-                entry.loaded.pop(version).close()
-                entry.states[version] = VersionState(END)
-            log.info("unloaded version %d of %s", version, name)
+                servable = entry.loaded.pop(version)
+                servable.close()
+                state = entry.states.get(version, VersionState(END))
+                entry.states[version] = VersionState(END, state.error, state.mtime)
+            log.info("unloaded version %d of %s (%s)", version, name, servable.path)
         with self._lock:  # versions that vanished from disk before they loaded are forgotten
             for version in [v for v, s in entry.states.items()  # (a kept one still serves)
                             if v not in on_disk and v not in entry.loaded and s.state != END]:
@@ -361,22 +370,25 @@ class ServableManager:
 
     def _load(self, entry: ModelEntry, version: int, mtime: float) -> bool:
         """Load one version and run its warmup records; False (and the error in its status) if
-        that failed."""
+        that failed. A version of the same number from an old base path serves until then."""
         name, path = entry.config.name, entry.base_path / str(version)
+        replaced = entry.loaded.get(version)
         with self._lock:
-            entry.states[version] = VersionState(LOADING, mtime=mtime)
+            entry.states[version] = VersionState(AVAILABLE if replaced else LOADING, mtime=mtime)
         try:
             servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
         except Exception as exc:
             message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
             log.error(message)
             with self._lock:
-                entry.states[version] = VersionState(END, message, mtime)
+                entry.states[version] = VersionState(AVAILABLE if replaced else END, message, mtime)
             return False
         with self._lock:
             entry.loaded[version] = servable
             entry.states[version] = VersionState(AVAILABLE, mtime=mtime)
-        log.info("loaded version %d of %s", version, name)
+        if replaced is not None:
+            replaced.close()
+        log.info("loaded version %d of %s from %s", version, name, path)
         return True
 
 
