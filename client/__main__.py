@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from client.scribe_client import DEFAULT_URL, ScribeClient, ScribeError
@@ -15,6 +16,9 @@ from client.scribe_client import DEFAULT_URL, ScribeClient, ScribeError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__)
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=os.environ.get("SCRIBE_API_KEY"),
+                        help="for a gateway with API keys on (default: $SCRIBE_API_KEY, which, "
+                             "unlike this flag, other users cannot see in the process list)")
     sub = parser.add_subparsers(dest="command", required=True)
     digit = sub.add_parser("digit", help="recognise a drawn digit from an image file")
     digit.add_argument("image", help="PNG, JPEG, ... of one drawn digit")
@@ -28,13 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--stream", action="store_true", help="print the text as it is written")
     args = parser.parse_args(argv)
 
-    client = ScribeClient(args.url)
+    client = ScribeClient(args.url, api_key=args.api_key)
     if args.command == "generate":
         return run_generate(client, args)
     try:
         result = client.predict_digit(args.image, version=args.version)
     except FileNotFoundError:
         print(f"error: no such file: {args.image}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot read {args.image}: {error.strerror or error}", file=sys.stderr)
         return 2
     except ScribeError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,9 +19,12 @@ class ScribeError(Exception):
 
 
 class ScribeClient:
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 30.0):
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 30.0, api_key: str | None = None):
+        """`api_key`: sent as `Authorization: Bearer <key>`, for a gateway with SCRIBE_API_KEYS."""
         self.url, self.timeout = url.rstrip("/"), timeout
         self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def predict_digit(self, image: bytes | str | Path, version: int | None = None) -> dict:
         """One drawing (PNG/JPEG bytes or a file path) -> {"digit", "confidence", "probabilities",
@@ -52,19 +55,26 @@ class ScribeClient:
             if response.status_code >= 400:
                 self._raise(response)
             event = None
-            for line in response.iter_lines(decode_unicode=True):
-                if line.startswith("event: "):
-                    event = line[len("event: "):]
-                elif line.startswith("data: "):
-                    data = json.loads(line[len("data: "):])
-                    if event == "chunk":
-                        yield data["text"]
-                    elif event == "done":
-                        yield data
-                        return
-                    elif event == "error":
-                        error = data["error"]
-                        raise ScribeError(502, error["code"], error["message"])
+            try:
+                for line in response.iter_lines(decode_unicode=True):
+                    if line.startswith("event: "):
+                        event = line[len("event: "):]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[len("data: "):])
+                        if event == "chunk":
+                            yield data["text"]
+                        elif event == "done":
+                            yield data
+                            return
+                        elif event == "error":
+                            error = data["error"]
+                            raise ScribeError(502, error["code"], error["message"])
+            except (requests.RequestException, ValueError, KeyError, TypeError) as error:
+                raise ScribeError(502, "incomplete_stream",
+                                  f"the stream from {self.url} broke off: {error}") from None
+            # A stream always ends with a done or error event: without one, text is missing.
+            raise ScribeError(502, "incomplete_stream",
+                              f"the stream from {self.url} ended before its done event")
 
     def models(self) -> list[dict]:
         return self._call("GET", "/v1/models")["models"]
@@ -76,7 +86,11 @@ class ScribeClient:
             raise ScribeError(0, "unreachable", f"cannot reach {self.url}: {error}") from None
         if response.status_code >= 400:
             self._raise(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise ScribeError(response.status_code, "invalid_response",
+                              f"{self.url}{path} did not answer JSON: is it a Scribe gateway?") from None
 
     @staticmethod
     def _raise(response: requests.Response):

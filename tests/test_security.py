@@ -6,13 +6,17 @@ origin, `any_origin` allows every origin.
 """
 
 import logging
+import os
+import subprocess
+import sys
 
 import conftest
 import pytest
 import requests
-from conftest import DIGITS_CONFIG, LiveGateway, copy_model_base
+from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base
 from drawings import draw_digit, png_bytes
 
+from client import ScribeClient, ScribeError
 from serving.config import Settings
 from serving.security import read_api_keys
 
@@ -130,6 +134,25 @@ def test_any_configured_key_in_either_header_gets_a_real_prediction(locked, key,
     body = response.json()
     assert body["model"] == {"name": "digits", "version": 1}
     assert body["predictions"][0]["digit"] == 4
+
+
+def test_the_client_and_its_command_line_send_a_key(locked, tmp_path):
+    assert ScribeClient(locked.url, api_key=KEYS[1]).models()[0]["name"] == "digits"
+    with pytest.raises(ScribeError) as refused:
+        ScribeClient(locked.url).models()
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+    drawing = tmp_path / "five.png"
+    draw_digit(5).save(drawing)
+    command = [sys.executable, "-m", "client", "--url", locked.url, "digit", str(drawing)]
+    environment = {k: v for k, v in os.environ.items() if k != "SCRIBE_API_KEY"}
+    for extra, env, code, output in [
+            ([], environment, 1, "401 unauthorized"),
+            ([], {**environment, "SCRIBE_API_KEY": FILE_KEY}, 0, "5 (confidence"),
+            (["--api-key", KEYS[0]], environment, 0, "5 (confidence")]:
+        result = subprocess.run(command[:3] + extra + command[3:], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, result.stderr
+        assert output in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/static/app.js", "/openapi.json"])
