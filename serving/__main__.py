@@ -3,6 +3,7 @@ environment (see serving/config.py and the README's configuration table)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import select
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -89,6 +91,7 @@ class ClientTimeoutWorker(ThreadWorker):
     def init_process(self):
         self.client_timeout = self.app.settings.client_timeout_seconds
         self.balance = self.app.balance
+        gunicorn_util.write_error = write_json_error  # what gunicorn itself refuses: JSON too
         self.log.error_log.addFilter(StalledClientLog(self.client_timeout))
         super().init_process()
 
@@ -218,6 +221,17 @@ class ClientTimeoutWorker(ThreadWorker):
             # accepting anyone else. Linger here, in this connection's thread, instead.
             linger(conn.sock)
         return keep
+
+
+def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's util.write_error, for the requests gunicorn refuses before the app sees them (a
+    request line or headers over its limits, a malformed request line or chunk), in the gateway's
+    JSON error form instead of an HTML page."""
+    body = json.dumps({"error": {"code": reason.lower().replace(" ", "_"),
+                                 "message": message or reason}}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def linger(sock: socket.socket, seconds: float = 2.0) -> None:

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serving.config import (
     EMBEDDED_NEEDS_TENSORFLOW,
@@ -154,9 +154,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         """A chunked body has no Content-Length to refuse up front, and werkzeug quietly cuts it at
         the limit: read it here (the handlers get it cached) and refuse it if there is more."""
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            try:
+                body = request.get_data()
+            except HTTPException:  # werkzeug's own: the client went away (400), ...
+                raise
+            except Exception:  # noqa: BLE001 - gunicorn's parser: a chunk size that is not hex,
+                # a chunk without its CRLF, a control byte in an extension
+                raise bad_request("the chunked body is malformed") from None
             # At the limit, werkzeug's limited stream refuses any further read, even one that
             # would find the body's end: look one byte past it on the server's own stream.
-            if len(request.get_data()) >= settings.max_body_bytes and past_the_limit(request.environ):
+            if len(body) >= settings.max_body_bytes and past_the_limit(request.environ):
                 raise RequestEntityTooLarge()
 
     openapi = OPENAPI.read_bytes()

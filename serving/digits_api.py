@@ -53,6 +53,9 @@ def read_images(max_images: int, max_pixels: int) -> np.ndarray:
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
         files = request.files.getlist("image")
+        if not files and "image" in request.form:  # curl -F 'image=<file' sends it as text
+            raise errors.bad_request("the multipart 'image' field must be a file upload (with a "
+                                     "filename), as curl -F 'image=@drawing.png' sends it")
         if not files:
             raise errors.bad_request("the multipart body has no 'image' field")
         blobs = [f.read() for f in files]

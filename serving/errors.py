@@ -86,7 +86,8 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         code = (error.name or "error").lower().replace(" ", "_")
-        return respond(error.code or 500, code, error.description or error.name)
+        headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        return respond(error.code or 500, code, error.description or error.name, headers)  # Allow
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

@@ -11,6 +11,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from serving.config import WARM_UP_ENVIRON
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Label values come from this fixed set: a client must not be able to mint new time series
+# (each costs memory for good) by sending requests with made-up method names.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def install_metrics(app: Flask) -> CollectorRegistry:
@@ -45,7 +48,8 @@ def install_metrics(app: Flask) -> CollectorRegistry:
     def record(response):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         if endpoint != "/metrics" and not request.environ.get(WARM_UP_ENVIRON):
-            requests.labels(endpoint, request.method, str(response.status_code)).inc()
+            method = request.method if request.method in METHODS else "other"
+            requests.labels(endpoint, method, str(response.status_code)).inc()
             if response.status_code >= 400:
                 errors.labels(endpoint, str(response.status_code)).inc()
             if "started" in g:
@@ -54,6 +58,7 @@ def install_metrics(app: Flask) -> CollectorRegistry:
 
     @app.get("/metrics")
     def metrics():
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        # content_type, not mimetype: CONTENT_TYPE_LATEST has its charset already
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     return registry

@@ -18,6 +18,10 @@ FIELD = 28
 INK_THRESHOLD = 0.25  # fraction of the strongest ink that counts as ink when cropping
 NOISE_FLOOR = 0.1  # contrast below this is paper texture, sensor or JPEG noise, not ink
 WORKING_SIDE = 140  # canvases are reduced to this first: 7x the 20-pixel box is detail enough
+# The formats a drawing may come in. Not every format Pillow reads: ICO and ICNS decode the images
+# they hold while they open, before the size check below can refuse a decompression bomb (a 16x16
+# icon holding a 9000x9000 PNG), and rarer plugins are more attack surface for no user.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 
 class InvalidImage(ValueError):
@@ -43,11 +47,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise InvalidImage("the data is not a supported image (PNG, JPEG, GIF, BMP, WebP, ...)") from None
+        raise InvalidImage("the data is not a supported image (PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
@@ -63,10 +67,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def to_grey(image: Image.Image) -> np.ndarray:
-    """Greyscale float32 in 0..1 (1 = white), transparent pixels composited over white. Images in
-    8-bit modes are reduced so that their longer side is at most WORKING_SIDE; integer and float
-    images (I, I;16, F) keep their size."""
+    """Greyscale float32 in 0..1 (1 = white), transparent pixels composited over white, reduced
+    so that the longer side is at most WORKING_SIDE."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        if image.mode not in ("I", "F"):
+            image = image.convert("I")  # Pillow reduces 32-bit integers, not 16-bit ones
+        shrink(image)
         values = np.asarray(image, dtype=np.float32)
         top = 1.0 if image.mode == "F" and values.max() <= 1 else (255.0 if values.max() <= 255 else 65535.0)
         return np.clip(values / top, 0, 1)
@@ -157,8 +163,12 @@ def preprocess_pixels(pixels) -> np.ndarray:
         raise PixelsOutOfRange("pixels must be numbers between 0 and 1 (white ink on black)") from None
     if array.shape != (FIELD, FIELD):
         raise InvalidImage(f"pixels must be 28x28, got shape {list(array.shape)}")
+    if not all(type(value) in (int, float) for row in pixels for value in row):
+        raise InvalidImage("pixels must be a 28x28 array of numbers (not strings or booleans)")
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
         raise PixelsOutOfRange("pixels must be numbers between 0 and 1 (white ink on black)")
+    if not array.max() > 0:
+        raise NoInk("the pixels are all 0: nothing is drawn")
     return array
 
 

@@ -42,7 +42,11 @@ def read_api_keys(settings: Settings) -> list[str]:
         if not file_keys:  # a mounted but empty secret must not silently open the API
             raise SystemExit(f"SCRIBE_API_KEYS_FILE: {settings.api_keys_file} holds no keys")
         keys += file_keys
-    return [key.strip() for key in keys if key.strip()]
+    keys = [key.strip() for key in keys if key.strip()]
+    if not all(key.isascii() and key.isprintable() for key in keys):
+        # HTTP headers carry Latin-1 at best: a key outside printable ASCII could never match
+        raise SystemExit("SCRIBE_API_KEYS: keys must be printable ASCII")
+    return keys
 
 
 def read_origins(settings: Settings) -> set[str]:

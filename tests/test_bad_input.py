@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import time
 
 import numpy as np
@@ -177,6 +178,15 @@ def test_decompression_bomb_is_413_before_it_is_decoded(gateway, bomb):
     assert time.perf_counter() - started < 2  # decoding 36 megapixels first would take longer
 
 
+def test_an_icon_holding_a_decompression_bomb_is_refused_before_it_is_decoded(gateway, bomb):
+    """An ICO's directory says 16x16, but Pillow decodes the PNG it holds while it opens it:
+    icons are not a format a drawing comes in, and are refused unread."""
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(bomb), 22)
+    started = time.perf_counter()
+    assert_error(predict_raw(gateway, icon + bomb, "image/x-icon"), 400, "invalid_image")
+    assert time.perf_counter() - started < 2
+
+
 def test_decompression_bomb_in_json_and_multipart_is_413(gateway, bomb):
     assert_error(predict(gateway, json={"image": base64.b64encode(bomb).decode()}), 413, "image_too_large")
     assert_error(predict(gateway, files={"image": ("bomb.png", bomb, "image/png")}), 413, "image_too_large")
@@ -270,7 +280,7 @@ def test_lone_surrogates_as_json_escapes_are_400(gateway, escaped, stream):
 
 def test_lone_surrogate_in_a_version_label_is_400_not_a_crash(gateway):
     """The label goes to the model server as protobuf UTF-8, which cannot hold a lone surrogate."""
-    pixels = json.dumps([[0.0] * 28] * 28).encode()
+    pixels = json.dumps([[0.5] * 28] * 28).encode()
     for url in ("/v1/text/generate", "/v1/digits/predict"):
         body = b'{"prompt": "A", "pixels": ' + pixels + b', "label": "\\ud800"}'
         assert_error(generate_raw(gateway, body, url), 400, "bad_request")

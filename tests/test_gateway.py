@@ -133,11 +133,15 @@ PNG = {"Content-Type": "image/png"}
     ({"json": {"image": base64.b64encode(png_bytes(Image.new("L", (50, 50), 255))).decode()}},
      422, "no_ink"),
     ({"files": {"other": ("x.png", b"x")}}, 400, "bad_request"),
-    ({"params": {"version": "abc"}, "json": {"pixels": [[0.0] * 28] * 28}}, 400, "bad_request"),
-    ({"params": {"version": "99999999999999999999"}, "json": {"pixels": [[0.0] * 28] * 28}},
+    ({"files": {"image": (None, "not a file upload")}}, 400, "bad_request"),
+    ({"json": {"pixels": [["0.5"] * 28] * 28}}, 400, "invalid_image"),
+    ({"json": {"pixels": [[True] * 28] * 28}}, 400, "invalid_image"),
+    ({"json": {"pixels": [[0] * 28] * 28}}, 422, "no_ink"),
+    ({"params": {"version": "abc"}, "json": {"pixels": [[0.5] * 28] * 28}}, 400, "bad_request"),
+    ({"params": {"version": "99999999999999999999"}, "json": {"pixels": [[0.5] * 28] * 28}},
      422, "out_of_range"),
-    ({"json": {"pixels": [[0.0] * 28] * 28, "version": 1.5}}, 400, "bad_request"),
-    ({"json": {"pixels": [[0.0] * 28] * 28, "version": True}}, 400, "bad_request"),
+    ({"json": {"pixels": [[0.5] * 28] * 28, "version": 1.5}}, 400, "bad_request"),
+    ({"json": {"pixels": [[0.5] * 28] * 28, "version": True}}, 400, "bad_request"),
 ])
 def test_bad_input_gets_its_4xx_json_error(gateway, kwargs, status, code):
     response = predict(gateway, **kwargs)
@@ -206,6 +210,21 @@ def test_metrics_count_requests_by_endpoint_and_status(gateway):
     assert 'scribe_http_requests_total{endpoint="/v1/digits/predict",method="POST",status="200"}' in text
     assert "scribe_http_request_seconds_bucket" in text
     assert 'scribe_model_call_seconds_count{model="digits",outcome="OK"}' in text
+
+
+def test_made_up_methods_add_no_metric_series_and_the_content_type_is_well_formed(gateway):
+    for number in range(5):
+        assert requests.request(f"MADEUP{number}", gateway.url + "/healthz", timeout=10).status_code == 405
+    response = requests.get(gateway.url + "/metrics", timeout=10)
+    assert "MADEUP" not in response.text
+    assert 'scribe_http_requests_total{endpoint="unmatched",method="other",status="405"}' in response.text
+    assert response.headers["Content-Type"].count("charset") == 1, response.headers["Content-Type"]
+
+
+def test_a_wrong_method_gets_405_with_allow(gateway):
+    response = requests.put(gateway.url + "/v1/digits/predict", timeout=10)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
 
 
 def test_unknown_route_is_a_json_404(gateway):

@@ -8,6 +8,7 @@ back however they end, and clients that stall are disconnected instead of holdin
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -237,6 +238,51 @@ def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
     assert b"incomplete or malformed after the size limit" in received, received[-300:]
     response, _ = generate(server, seed=4, max_chars=20)
     assert response.status_code == 200
+
+
+def exchange(server: Gunicorn, request: bytes) -> bytes:
+    """Send raw bytes and read until the server closes the connection (or 10 s pass)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(request)
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except TimeoutError:
+        pass
+    sock.close()
+    return received
+
+
+@pytest.mark.parametrize("body", [b"ZZ\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX\r\n0\r\n\r\n",
+                                  b"3;\x01\r\nabc\r\n0\r\n\r\n"],
+                         ids=["size-not-hex", "no-crlf-after-data", "control-byte-in-extension"])
+@pytest.mark.parametrize("path", ["/v1/digits/predict", "/healthz"])
+def test_a_malformed_chunked_body_is_400_json_on_every_endpoint(server, path, body):
+    """gunicorn's chunk parser raises inside the app when the body is read: a 400, not a 500."""
+    received = exchange(server, b"POST %s HTTP/1.1\r\nHost: scribe\r\nContent-Type: image/png\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n%s" % (path.encode(), body))
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), received[:300]
+    assert b"Content-Type: application/json" in head
+    assert b'"the chunked body is malformed"' in rest and b"HTTP/1.1" not in rest  # one answer
+    response, _ = generate(server, seed=5, max_chars=20)
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /v1/models?version=" + b"1" * 5000 + b" HTTP/1.1\r\nHost: scribe\r\n\r\n", 414, "uri_too_long"),
+    (b"GET /healthz HTTP/1.1\r\nHost: scribe\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
+     "request_header_fields_too_large"),
+    (b"qwerty /healthz HTTP/1.1\r\nHost: scribe\r\n\r\n", 400, "bad_request"),
+    (b"GET /healthz HTTP/1.1\r\nHost: scribe\r\nContent-Length: -5\r\n\r\n", 400, "bad_request"),
+], ids=["request-line-too-long", "header-too-large", "lower-case-method", "negative-length"])
+def test_what_gunicorn_refuses_itself_is_a_json_error_too(server, request_bytes, status, code):
+    head, _, body = exchange(server, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status), head
+    assert b"Content-Type: application/json" in head and b"Connection: close" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"]
 
 
 def test_no_socket_folder_outlives_a_process_that_never_closed_its_gateway(tmp_path):

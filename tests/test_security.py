@@ -192,6 +192,8 @@ def test_a_keys_file_without_keys_refuses_to_start(tmp_path):
         read_api_keys(Settings(api_keys_file=str(empty)))
     with pytest.raises(SystemExit, match="cannot read"):
         read_api_keys(Settings(api_keys_file=str(tmp_path / "missing")))
+    with pytest.raises(SystemExit, match="printable ASCII"):  # a header could never carry it
+        read_api_keys(Settings(api_keys="ascii-key,ключ"))
 
 
 # ---- CORS -----------------------------------------------------------------------------------
