@@ -45,7 +45,7 @@ def main() -> int:
     from serving.model_server import start_model_server
     from serving.model_server.servables import load_session, read_signature_defs
     from training.bard import generation_inputs
-    from training.pipeline import baseline_path
+    from training.push import latest_version
 
     # The embedded model server with the gateway's thread settings, dynamic batching off.
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(args.model_base)},
@@ -77,7 +77,7 @@ def main() -> int:
 
     # The floor: a session loaded as the model server loads its own (the same loader, and the
     # thread settings start_model_server set in this process), called directly: no serving.
-    version_dir = baseline_path(args.model_base / "bard")
+    version_dir = args.model_base / "bard" / str(latest_version(args.model_base / "bard"))
     session = load_session(version_dir)
     signature = read_signature_defs(version_dir)["serving_default"]
     feeds = {key: tensor.name for key, tensor in signature.inputs.items()}

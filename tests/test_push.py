@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ digits.export(model, run_dir / "export", np.random.default_rng(0).random((8, 28,
 pipeline.verify_export(run_dir / "export", {"image": np.zeros((2, 28, 28), np.float32)},
                        ["probabilities", "digit"])
 sys.exit(pipeline.finish("digits", run_dir, run_dir / "export", model_dir, {},
-                         pipeline.Blessing(True, "kill test"), "kill test"))
+                         lambda _: ({}, pipeline.Blessing(True, "kill test")), "kill test"))
 """
 
 
@@ -63,6 +64,29 @@ def test_version_numbers_are_never_reused_after_a_rollback(trained, tmp_path):
     assert [push_version(export, model_dir) for _ in range(3)] == [1, 2, 3]
     shutil.rmtree(model_dir / "3")  # roll back by removing the newest version
     assert push_version(export, model_dir) == 4  # a client pinned to 3 never gets another model
+
+
+def test_concurrent_pushes_among_stale_staging_folders_all_land_with_distinct_numbers(
+        trained, tmp_path):
+    """Eight pushes at once, each removing the staging folders that dead pushes left behind:
+    none may fail because another push renamed or removed a folder it had just listed, and the
+    highest-version mark must end at the highest number."""
+    export = export_copy(trained, tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    host = socket.gethostname()
+    for n in range(40):  # PIDs above the kernel's pid_max: certainly dead
+        (model_dir / f"{STAGING_PREFIX}{host}-{99_999_000 + n}-{n:08x}").mkdir()
+    script = PUSH + "; print('pushed')"
+    pushers = [subprocess.Popen([sys.executable, "-c", script, str(export), str(model_dir)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(8)]
+    outcomes = [p.communicate(timeout=120) for p in pushers]
+    assert [p.returncode for p in pushers] == [0] * 8, [err[-500:] for _, err in outcomes]
+    assert pushed_versions(model_dir) == list(range(1, 9))
+    assert (model_dir / HIGH_WATER).read_text().strip() == "8"
+    assert not list(model_dir.glob(STAGING_PREFIX + "*"))
+    assert_every_version_complete(model_dir, export)
 
 
 def test_push_killed_at_random_moments_never_leaves_a_partial_version(trained, tmp_path):

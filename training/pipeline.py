@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from training.push import latest_version, push_version
+from training.push import LatestChanged, latest_version, push_version, pushed_versions
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 EXIT_PUSHED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BLESSED = 0, 1, 2, 3
@@ -32,9 +36,12 @@ def bless(metric: str, value: float, baseline: float | None, *, threshold: float
     """A value threshold, then a change threshold against the latest pushed version."""
     sign = 1 if higher_is_better else -1
     word = "below" if higher_is_better else "above"
+    if not math.isfinite(value):  # NaN passes every comparison: a diverged run must not
+        return Blessing(False, f"{metric} is {value}: training diverged")
     if sign * (value - threshold) < 0:
         return Blessing(False, f"{metric} {value:.4f} is {word} the threshold {threshold:.4f}")
-    if baseline is not None and sign * (value - baseline) < -max_regression:
+    # Exactly max_regression worse is allowed: 0.991 against 0.992 is 0.0010000000000000009 in floats.
+    if baseline is not None and sign * (value - baseline) < -max_regression - 1e-9:
         return Blessing(False, f"{metric} {value:.4f} is worse than the pushed version's "
                                f"{baseline:.4f} by more than {max_regression:.4f}")
     against = "" if baseline is None else f", pushed version had {baseline:.4f}"
@@ -86,17 +93,64 @@ def verify_export(export_dir: Path, inputs: dict[str, np.ndarray], expect_output
     return result.stdout
 
 
-def baseline_path(model_dir: Path) -> Path | None:
-    version = latest_version(model_dir)
-    return None if version is None else model_dir / str(version)
+def make_run_dir(runs_dir: Path, name: str) -> Path:
+    """A new runs/<name>/<time>/ folder; runs started in the same second get -2, -3, ..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (runs_dir / name).mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        run_dir = runs_dir / name / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+
+
+def whole_intervals(name: str, steps: int, eval_every: int) -> tuple[int, int]:
+    """(steps, eval_every) for a --steps override: training runs whole evaluation intervals (Keras
+    epochs), so steps that are not a multiple of the interval are rounded up to one, and said."""
+    eval_every = min(eval_every, steps)
+    whole = -(-steps // eval_every) * eval_every
+    if whole != steps:
+        print(f"{name}: --steps {steps} is not a multiple of the {eval_every}-step evaluation "
+              f"interval: training {whole} steps", flush=True)
+    return whole, eval_every
+
+
+Judge = Callable[[Path | None], tuple[dict, Blessing]]
+
+
+def judge_against_newest_loadable(name: str, model_dir: Path, judge: Judge) -> tuple[dict, Blessing]:
+    """`judge(version folder)` against the newest pushed version that can be evaluated (a broken
+    one on disk is skipped, as model servers skip it), or `judge(None)` when there is none."""
+    for version in reversed(pushed_versions(model_dir)):
+        try:
+            return judge(model_dir / str(version))
+        except Exception as error:  # noqa: BLE001 - any failure to load or run that version
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"{name}: version {version} cannot be evaluated ({first[:200]}): judging "
+                  f"against the version before it", flush=True)
+    return judge(None)
 
 
 def finish(name: str, run_dir: Path, export_dir: Path, model_dir: Path, metrics: dict,
-           blessing: Blessing, describe: str) -> int:
-    """Push when blessed, record the outcome in metrics.json, print one summary line."""
+           judge: Judge, describe: str) -> int:
+    """Bless the candidate against the newest pushed version (`judge` returns the baseline's
+    metrics and the blessing), push it when blessed, record the outcome in metrics.json, print
+    one summary line. If another version lands between judging and pushing, judge again."""
+    while True:
+        latest = latest_version(model_dir)
+        baseline, blessing = judge_against_newest_loadable(name, model_dir, judge)
+        if not blessing.blessed:
+            break
+        try:
+            version = push_version(export_dir, model_dir, expect_latest=latest)
+            break
+        except LatestChanged as changed:
+            print(f"{name}: pushed meanwhile by someone else: {changed}; judging again", flush=True)
+    metrics.update(baseline)
     metrics["blessing"] = {"blessed": blessing.blessed, "reason": blessing.reason}
     if blessing.blessed:
-        version = push_version(export_dir, model_dir)
         metrics["pushed_version"] = version
         line = f"{name}: pushed version {version} to {model_dir / str(version)}: {describe}"
         code = EXIT_PUSHED

@@ -8,6 +8,8 @@ filesystem, writing saved_model.pb last, then renames it into place: one atomic 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -17,7 +19,17 @@ from pathlib import Path
 
 STAGING_PREFIX = ".push-"
 HIGH_WATER = ".highest-version"  # numbers are never reused, even after a rollback removed one
+LOCK = ".push.lock"  # pushers take numbers one at a time (flock: same host, or a shared volume)
 STALE_AFTER_SECONDS = 24 * 3600
+ANY = object()
+
+
+class LatestChanged(RuntimeError):
+    """Another version was pushed (or the latest removed) since the candidate was judged."""
+
+    def __init__(self, latest: int | None):
+        super().__init__(f"the latest version is now {latest}")
+        self.latest = latest
 
 
 def pushed_versions(model_dir: Path) -> list[int]:
@@ -33,8 +45,11 @@ def latest_version(model_dir: Path) -> int | None:
     return versions[-1] if versions else None
 
 
-def push_version(export_dir: Path, model_dir: Path) -> int:
-    """Copy `export_dir` into `model_dir` as the next integer version, atomically. Returns it."""
+def push_version(export_dir: Path, model_dir: Path, expect_latest=ANY) -> int:
+    """Copy `export_dir` into `model_dir` as the next integer version, atomically. Returns it.
+    With `expect_latest` (a version, or None for none yet), push only if that is still the latest
+    version when the number is taken, else raise LatestChanged: a candidate judged against one
+    version must not land on top of another that was pushed meanwhile."""
     export_dir, model_dir = Path(export_dir), Path(model_dir)
     if not (export_dir / "saved_model.pb").is_file():
         raise FileNotFoundError(f"{export_dir} holds no saved_model.pb")
@@ -42,24 +57,37 @@ def push_version(export_dir: Path, model_dir: Path) -> int:
     remove_stale_staging(model_dir)
     staging = model_dir / f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _copy_saved_model_last(export_dir, staging)
-        while True:
-            existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
-            version = max(existing + [_high_water(model_dir)], default=0) + 1
-            try:
-                # rename(2) of a directory onto a non-empty one fails, so a concurrent
-                # pusher that took this number first makes us try the next one.
-                os.rename(staging, model_dir / str(version))
-                break
-            except OSError:
-                if not (model_dir / str(version)).exists():
-                    raise
-        _record_high_water(model_dir, version)
-        _fsync_dir(model_dir)
+        _copy_saved_model_last(export_dir, staging)  # the slow part, outside the lock
+        with _locked(model_dir):
+            if expect_latest is not ANY and (latest := latest_version(model_dir)) != expect_latest:
+                raise LatestChanged(latest)
+            while True:
+                existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+                version = max(existing + [_high_water(model_dir)], default=0) + 1
+                try:
+                    # rename(2) of a directory onto a non-empty one fails, so a pusher that took
+                    # this number first (one that does not share the lock) makes us try the next.
+                    os.rename(staging, model_dir / str(version))
+                    break
+                except OSError:
+                    if not (model_dir / str(version)).exists():
+                        raise
+            _record_high_water(model_dir, version)
+            _fsync_dir(model_dir)
         return version
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(model_dir: Path):
+    fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _high_water(model_dir: Path) -> int:
@@ -84,7 +112,10 @@ def remove_stale_staging(model_dir: Path) -> None:
         parts = path.name[len(STAGING_PREFIX):].rsplit("-", 2)
         same_host_and_dead = (len(parts) == 3 and parts[0] == host and parts[1].isdigit()
                               and not _pid_alive(int(parts[1])))
-        too_old = time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+        try:
+            too_old = time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS
+        except FileNotFoundError:  # its push has just renamed it into a version, or another removed it
+            continue
         if same_host_and_dead or too_old:
             shutil.rmtree(path, ignore_errors=True)
 
