@@ -20,11 +20,12 @@ class ScribeError(Exception):
 
 class ScribeClient:
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 30.0, api_key: str | None = None):
-        """`api_key`: sent as `Authorization: Bearer <key>`, for a gateway with SCRIBE_API_KEYS."""
+        """`api_key`: sent as `X-API-Key`, for a gateway with SCRIBE_API_KEYS (not as Authorization,
+        which requests replaces with ~/.netrc's credentials for the host if it has any)."""
         self.url, self.timeout = url.rstrip("/"), timeout
         self.session = requests.Session()
         if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
+            self.session.headers["X-API-Key"] = api_key
 
     def predict_digit(self, image: bytes | str | Path, version: int | None = None) -> dict:
         """One drawing (PNG/JPEG bytes or a file path) -> {"digit", "confidence", "probabilities",

@@ -227,8 +227,9 @@ def write_json_error(sock: socket.socket, status: int, reason: str, message: str
     """gunicorn's util.write_error, for the requests gunicorn refuses before the app sees them (a
     request line or headers over its limits, a malformed request line or chunk), in the gateway's
     JSON error form instead of an HTML page."""
-    body = json.dumps({"error": {"code": reason.lower().replace(" ", "_"),
-                                 "message": message or reason}}).encode()
+    reason = {500: "Internal Server Error", 501: "Not Implemented"}.get(status, reason)
+    code = {500: "internal_error"}.get(status, reason.lower().replace(" ", "_"))
+    body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from serving.config import (
     EMBEDDED_NEEDS_TENSORFLOW,
@@ -76,6 +76,12 @@ class Gateway:
 
 def gateway() -> Gateway:
     return current_app.extensions["scribe"]
+
+
+try:  # gunicorn's request parser errors, raised inside the app when it reads a chunked body
+    from gunicorn.http.errors import ParseException as CHUNK_ERRORS
+except ImportError:  # another WSGI server (flask run): its own errors
+    CHUNK_ERRORS = ()
 
 
 def past_the_limit(environ: dict) -> bool:
@@ -156,10 +162,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             try:
                 body = request.get_data()
-            except HTTPException:  # werkzeug's own: the client went away (400), ...
-                raise
-            except Exception:  # noqa: BLE001 - gunicorn's parser: a chunk size that is not hex,
-                # a chunk without its CRLF, a control byte in an extension
+            except CHUNK_ERRORS:  # a chunk size that is not hex, no CRLF after a chunk, ...
                 raise bad_request("the chunked body is malformed") from None
             # At the limit, werkzeug's limited stream refuses any further read, even one that
             # would find the body's end: look one byte past it on the server's own stream.

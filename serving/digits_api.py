@@ -96,10 +96,13 @@ def read_pixels(pixels, max_images: int) -> np.ndarray:
         and pixels[0] and isinstance(pixels[0][0], list)
     items = pixels if many else [pixels]
     check_count(len(items), max_images)
-    try:
-        return np.stack([preprocess_pixels(item) for item in items])
-    except tuple(errors.PREPROCESS_ERRORS) as error:
-        raise errors.from_preprocess(error) from None
+    batch = []
+    for i, item in enumerate(items):
+        try:
+            batch.append(preprocess_pixels(item))
+        except tuple(errors.PREPROCESS_ERRORS) as error:
+            raise errors.from_preprocess(error, f"pixels {i + 1}: " if many else "") from None
+    return np.stack(batch)
 
 
 def decode_base64(value, name: str) -> bytes:

@@ -137,6 +137,7 @@ PNG = {"Content-Type": "image/png"}
     ({"json": {"pixels": [["0.5"] * 28] * 28}}, 400, "invalid_image"),
     ({"json": {"pixels": [[True] * 28] * 28}}, 400, "invalid_image"),
     ({"json": {"pixels": [[0] * 28] * 28}}, 422, "no_ink"),
+    ({"json": {"pixels": [[[0.5] * 28] * 28, [[0] * 28] * 28]}}, 422, "no_ink"),
     ({"params": {"version": "abc"}, "json": {"pixels": [[0.5] * 28] * 28}}, 400, "bad_request"),
     ({"params": {"version": "99999999999999999999"}, "json": {"pixels": [[0.5] * 28] * 28}},
      422, "out_of_range"),

@@ -214,9 +214,22 @@ def test_a_broken_newest_version_is_skipped_as_the_baseline(trained, tmp_path):
     calls, metrics = [], {}
     code = pipeline.finish("digits", run_dir, trained.version_dir, model_dir, metrics,
                            judge_by_accuracy(calls), "test")
-    assert code == pipeline.EXIT_PUSHED and calls == [2, 1]
-    assert metrics["baseline_version"] == 1 and metrics["pushed_version"] == 3
-    assert pushed_versions(model_dir) == [1, 2, 3]
+    assert code == pipeline.EXIT_PUSHED and calls == [1]
+    assert metrics["baseline_version"] == 1 and metrics["baseline_skipped_versions"] == [2]
+    assert metrics["pushed_version"] == 3 and pushed_versions(model_dir) == [1, 2, 3]
+
+
+def test_a_baseline_that_loads_but_cannot_be_evaluated_fails_the_run(trained, tmp_path):
+    """Only what a model server cannot load is skipped: an evaluation that fails for another
+    reason must not let the candidate skip the comparison with the version serving."""
+    model_dir = copy_model_base(trained, tmp_path / "models") / "digits"
+
+    def judge(baseline_dir):
+        raise MemoryError("evaluating the baseline ran out of memory")
+
+    with pytest.raises(MemoryError):
+        pipeline.finish("digits", tmp_path, trained.version_dir, model_dir, {}, judge, "test")
+    assert pushed_versions(model_dir) == [1]
 
 
 def test_a_version_pushed_while_the_candidate_is_judged_makes_it_judge_again(trained, tmp_path):

@@ -156,6 +156,22 @@ def test_a_moved_base_path_keeps_the_old_versions_serving_until_the_new_ones_loa
     assert manager.servable("digits").path == base / "moved" / "2"
 
 
+def test_a_base_path_moved_to_a_folder_with_no_versions_yet_keeps_the_old_one_serving(
+        trained, tmp_path):
+    """A reload that points at a folder not filled (or mounted) yet must not take the model down."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    old = manager.servable("digits")
+    move_base_path(manager, tmp_path, "not-there-yet")
+    for _ in range(2):
+        manager.poll_once()
+        assert manager.servable("digits") is old
+    shutil.copytree(base / "digits", base / "not-there-yet")
+    manager.poll_once()
+    assert manager.servable("digits").path == base / "not-there-yet" / "1"
+
+
 def test_a_moved_base_path_whose_versions_cannot_load_keeps_the_old_one_serving(trained, tmp_path):
     def move_to_a_broken_version_2(base, manager):
         shutil.copytree(base / "digits" / "2", base / "moved" / "2")

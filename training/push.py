@@ -9,10 +9,12 @@ filesystem, writing saved_model.pb last, then renames it into place: one atomic 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -82,9 +84,19 @@ def push_version(export_dir: Path, model_dir: Path, expect_latest=ANY) -> int:
 
 @contextlib.contextmanager
 def _locked(model_dir: Path):
-    fd = os.open(model_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive flock on <model>/.push.lock. Read-only, so that a lock file another user made
+    serves every pusher that may write the folder; a filesystem without locks gets a warning and
+    no lock (the rename below still hands out distinct numbers; only the expect_latest check then
+    stops being atomic)."""
+    fd = os.open(model_dir / LOCK, os.O_RDONLY | os.O_CREAT, 0o664)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f"warning: {model_dir} cannot be locked ({error.strerror}): pushing unlocked",
+                  file=sys.stderr, flush=True)
         yield
     finally:
         os.close(fd)  # releases the lock

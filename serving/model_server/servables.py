@@ -211,7 +211,7 @@ class ServableManager:
         self.config_file, self.config_poll_seconds = config_file, config_poll_seconds
         self._config_checked = time.monotonic()
         self._lock = threading.Lock()  # guards loaded/states against the request threads
-        self._reconcile_lock = threading.Lock()  # one poll at a time (poller thread or a test)
+        self._reconcile_lock = threading.RLock()  # one poll or config change at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Set once the poller has made its first pass: every version then on disk loaded (warmup
@@ -225,9 +225,10 @@ class ServableManager:
         """Serve the models `config` lists: new ones are added, removed ones dropped, changed
         base paths, policies or labels take effect from the next poll. A model whose base path
         changed keeps serving the versions it loaded from the old one until the policy's versions
-        from the new one load; while none of those can load, the newest of them stays."""
+        from the new one load; while none of those can load (or the new path has none yet), the
+        newest of them stays."""
         wanted = {m.name: m for m in config.model_config_list.config}
-        with self._lock:
+        with self._reconcile_lock, self._lock:  # never in the middle of a poll
             for name in list(self.models):
                 if name not in wanted:
                     del self.models[name]
@@ -354,8 +355,9 @@ class ServableManager:
         # can load, the newest version serving stays; only a model with no version left on disk
         # for the policy to pick is left with none.
         unwanted = sorted(set(entry.loaded) - set(wanted))
-        if unwanted and not wanted and _apply_policy(policy, sorted(on_disk)):
-            unwanted.pop()
+        moved = any(s.path != entry.base_path / str(v) for v, s in entry.loaded.items())
+        if unwanted and not wanted and (moved or _apply_policy(policy, sorted(on_disk))):
+            unwanted.pop()  # (a moved base path with nothing there yet keeps the old one too)
         for version in unwanted:
             with self._lock:
                 servable = entry.loaded.pop(version)
