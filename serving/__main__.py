@@ -93,6 +93,7 @@ class ClientTimeoutWorker(ThreadWorker):
         self.balance = self.app.balance
         gunicorn_util.write_error = write_json_error  # what gunicorn itself refuses: JSON too
         self.log.error_log.addFilter(StalledClientLog(self.client_timeout))
+        self.log.error_log.addFilter(unlogged_header_text)
         super().init_process()
 
     def load_wsgi(self):
@@ -268,6 +269,16 @@ class StalledClientLog(logging.Filter):
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def unlogged_header_text(record: logging.LogRecord) -> bool:
+    """gunicorn logs the whole text of a header line it cannot parse. `Authorization Bearer <key>`
+    without its colon is one: keep the text of such lines out of the log (API keys never are)."""
+    message = record.getMessage()
+    if "Invalid HTTP Header" in message:
+        record.msg = message.split("Invalid HTTP Header", 1)[0] + "Invalid HTTP Header (text not logged)"
+        record.args = ()
+    return True
 
 
 def remove_socket_folder(worker) -> None:

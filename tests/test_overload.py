@@ -285,6 +285,17 @@ def test_what_gunicorn_refuses_itself_is_a_json_error_too(server, request_bytes,
     assert error["code"] == code and error["message"]
 
 
+def test_a_header_line_gunicorn_cannot_parse_is_not_logged(server):
+    """An Authorization line that lost its colon still holds the key: gunicorn would log it."""
+    secret = "k-never-in-the-log-5b1e"
+    head, _, _ = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: scribe\r\nAuthorization Bearer "
+                          + secret.encode() + b"\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    time.sleep(0.5)
+    log = server.log.read_text()
+    assert "Invalid HTTP Header (text not logged)" in log and secret not in log
+
+
 def test_no_socket_folder_outlives_a_process_that_never_closed_its_gateway(tmp_path):
     """A script, `flask run` or a test that makes the gateway and exits without closing it
     leaves no socket folder behind."""
