@@ -1,5 +1,6 @@
 """The embedded model server speaks TF Serving's gRPC and REST APIs, started with its flags."""
 
+import json
 import subprocess
 import sys
 import time
@@ -112,8 +113,11 @@ def test_rest_status_and_metadata(model_server):
     assert requests.get(rest + "/v1/models/digits/versions/1", timeout=10).status_code == 200
     metadata = requests.get(rest + "/v1/models/digits/metadata", timeout=10).json()
     assert metadata["model_spec"]["version"] == "1"
-    inputs = metadata["metadata"]["signature_def"]["signatureDef"]["serving_default"]["inputs"]
-    assert inputs["image"]["dtype"] == "DT_FLOAT"
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["method_name"] == "tensorflow/serving/predict"  # TF Serving's field names
+    image = signature["inputs"]["image"]
+    assert image["dtype"] == "DT_FLOAT" and image["tensor_shape"]["unknown_rank"] is False
+    assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "28", "28"]
 
 
 def test_rest_predict_row_and_columnar_formats(model_server, test_digits):
@@ -144,3 +148,74 @@ def test_rest_errors_are_json_with_tf_serving_codes(model_server):
     both = requests.post(rest + "/v1/models/digits:predict", timeout=10,
                          json={"instances": [1], "inputs": [1]})
     assert both.status_code == 400
+
+
+def test_rest_predict_reads_json_whatever_the_content_type(model_server, test_digits):
+    """TF Serving's documentation posts with `curl -d`, which says form-urlencoded."""
+    rest, _ = model_server
+    body = json.dumps({"instances": test_digits[0][:2].tolist()})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
+        response = requests.post(rest + "/v1/models/digits:predict", data=body, headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        assert [p["digit"] for p in response.json()["predictions"]] == test_digits[1][:2].tolist()
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(json.dumps({"instances": [[[True] * 28] * 28]}), id="bool-for-float"),
+    pytest.param(json.dumps({"instances": [{"b64": 5}]}), id="b64-not-a-string"),
+    pytest.param(json.dumps({"instances": [{"b64": ["YQ=="]}]}), id="b64-a-list"),
+    pytest.param('{"instances": ' + "[" * 3000 + "]" * 3000 + "}", id="nested-3000-deep"),
+])
+def test_rest_malformed_inputs_are_400_not_500(model_server, data):
+    rest, _ = model_server
+    response = requests.post(rest + "/v1/models/digits:predict", data=data, timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+
+
+def test_version_0_is_a_version_not_the_latest(model_server):
+    """TF Serving reads /versions/0 as Specific(digits, 0): not found, rather than the latest."""
+    rest, _ = model_server
+    response = requests.post(rest + "/v1/models/digits/versions/0:predict", timeout=10,
+                             json={"instances": [[[0.5] * 28] * 28]})
+    assert response.status_code == 404, response.text
+    assert requests.get(rest + "/v1/models/digits/versions/0", timeout=10).status_code == 404
+
+
+def test_grpc_a_tensor_of_no_real_dtype_is_invalid_argument(model_server, test_digits):
+    _, channel = model_server
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digits"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(test_digits[0][:1]))
+    for dtype in (20, 999):  # DT_RESOURCE, and a number that is no dtype at all
+        request.inputs["image"].dtype = dtype
+        with pytest.raises(grpc.RpcError) as error:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+
+
+def test_bard_inputs_of_the_wrong_kind_or_out_of_range_are_refused_not_wrapped(trained_bard, tmp_path):
+    """numpy would wrap 2**32 + 5 round to 5 for an int32 input, and TensorFlow fails with an
+    INTERNAL error on a number where text is wanted: TF Serving refuses both as INVALID_ARGUMENT."""
+    from serving.model_server import read_model_config
+    from serving.model_server.servables import ServableManager, ServingError
+    from training.bard import generation_inputs
+
+    manager = ServableManager(read_model_config(ROOT / "serving" / "models.config"),
+                              {"/models": str(trained_bard.model_base)})
+    manager.poll_once()
+    bard = manager.servable("bard")
+    good = {"prompt": np.array([b"ROMEO:"]), **generation_inputs(1, 5, seed=3)}
+    assert len(bard.predict("serving_default", good)["text"][0]) == 5
+    for change, says in [({"max_chars": np.array([2**32 + 5])}, "does not fit int32"),
+                         ({"seed": np.array([2**63], np.uint64)}, "does not fit int64"),
+                         ({"prompt": np.array([5])}, "must be strings"),
+                         ({"prompt": np.array([5], dtype=object)}, "must be strings"),
+                         ({"temperature": np.array([True])}, "must be float")]:
+        with pytest.raises(ServingError) as error:
+            bard.predict("serving_default", {**good, **change})
+        assert error.value.code == "INVALID_ARGUMENT" and says in error.value.message, error.value.message
+    with pytest.raises(ServingError) as error:  # the graph's own error, with its cause
+        bard.predict("serving_default", {**good, "max_chars": np.array([-5], np.int32)})
+    assert error.value.message != "Graph execution error:" and not error.value.message.endswith(":")

@@ -41,7 +41,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             inputs = {key: from_proto(proto) for key, proto in request.inputs.items()}
             outputs = servable.predict(request.model_spec.signature_name, inputs,
                                        list(request.output_filter) or None)
-        except (ServingError, ValueError) as error:  # ValueError: a TensorProto that does not decode
+        except (ServingError, ValueError, TypeError, KeyError) as error:  # a TensorProto that does
+            # not decode: a bad length (ValueError), a dtype that is not a tensor's (TypeError, KeyError)
             if not isinstance(error, ServingError):
                 error = ServingError("INVALID_ARGUMENT", str(error))
             self.manager.metrics.observe(self._label(request.model_spec.name), "predict", error.code,

@@ -70,13 +70,18 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
         for key, signature_def in servable.signature_defs.items():
             signatures.signature_def[key].CopyFrom(signature_def)
         return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
-                       metadata={"signature_def": json_format.MessageToDict(signatures)})
+                       metadata={"signature_def": json_format.MessageToDict(
+                           signatures, always_print_fields_with_no_presence=True,
+                           preserving_proto_field_name=True)})  # TF Serving's own field names
 
     @app.post("/v1/models/<name>:predict")
     @app.post("/v1/models/<name>/versions/<int:version>:predict")
     @app.post("/v1/models/<name>/labels/<label>:predict")
     def predict(name, version=None, label=None):
-        body = request.get_json(silent=True)
+        try:  # whatever the Content-Type, as TF Serving (its docs post with plain curl -d)
+            body = request.get_json(force=True, silent=True)
+        except RecursionError:
+            body = None
         if not isinstance(body, dict):
             raise ServingError("INVALID_ARGUMENT", "JSON Parse error: the body must be a JSON object")
         servable = resolve(name, version, label)
@@ -88,8 +93,11 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
             raise ServingError("INVALID_ARGUMENT",
                                "Missing 'inputs' or 'instances' key (exactly one is required)")
         row_format = "instances" in body
-        inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
-            else _columns_to_inputs(body["inputs"], input_names)
+        try:
+            inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
+                else _columns_to_inputs(body["inputs"], input_names)
+        except RecursionError:
+            raise ServingError("INVALID_ARGUMENT", "the inputs are nested too deeply") from None
         started = time.perf_counter()
         try:
             outputs = servable.predict(signature, inputs)
@@ -109,6 +117,8 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
 def _decode(value):
     """JSON value -> Python value, turning {"b64": "..."} into bytes, recursively."""
     if isinstance(value, dict) and set(value) == {"b64"}:
+        if not isinstance(value["b64"], str):
+            raise ServingError("INVALID_ARGUMENT", "a {\"b64\": ...} value must be a string")
         try:
             return base64.b64decode(value["b64"], validate=True)
         except ValueError:

@@ -109,10 +109,8 @@ class Servable:
 
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, fetches, feeds = self._plans[signature]
-        for key, value in inputs.items():  # as TF Serving: no silent float -> int or text -> number
-            given, (_, wanted) = np.asarray(value).dtype, feeds[key]
-            if not np.can_cast(given, wanted.as_numpy_dtype, "same_kind"):
-                raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {wanted.name}, got {given}")
+        for key, value in inputs.items():
+            _check_input(key, np.asarray(value), feeds[key][1])
         try:
             values = self.session.run(fetches, {feeds[key][0]: value for key, value in inputs.items()})
         except (TypeError, ValueError) as exc:
@@ -140,9 +138,38 @@ class ModelEntry:
     states: dict = field(default_factory=dict)  # version -> VersionState
 
 
+def _check_input(key: str, value: np.ndarray, wanted) -> None:
+    """As TF Serving: no silent float -> int, text -> number, number -> text or bool -> number, and
+    no integer that the input's type cannot hold (numpy would wrap 2**32 + 5 round to 5)."""
+    given = value.dtype
+    problem = None
+    if wanted == tf.string:
+        if given.kind == "O":
+            if not all(isinstance(item, (bytes, str)) for item in value.flat):
+                problem = "strings"
+        elif given.kind not in "SU":
+            problem = "strings"
+    elif given.kind in "SUO" or (given.kind == "b") != (wanted == tf.bool) \
+            or not np.can_cast(given, wanted.as_numpy_dtype, "same_kind"):
+        problem = wanted.name
+    elif wanted.is_integer and value.size:
+        info = np.iinfo(wanted.as_numpy_dtype)
+        if value.min() < info.min or value.max() > info.max:
+            raise ServingError("INVALID_ARGUMENT", f"input '{key}': a value does not fit {wanted.name}")
+    if problem:
+        raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {problem}, got {given}")
+
+
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The line of an error that says what went wrong. TensorFlow 2 starts with 'Graph execution
+    error:' and puts the cause a few lines down, after where it was detected."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        causes = [line for line in lines[1:] if not line.startswith(
+            ("Detected at node", "File ", "[[", "Stack trace", "Traceback"))
+            and not line.endswith(":")]
+        lines = causes[-1:] or lines
+    return lines[0] if lines else type(exc).__name__
 
 
 def read_signature_defs(path: Path) -> dict:
@@ -268,7 +295,7 @@ class ServableManager:
                                    f"Unrecognized servable version label: {label}")
             version = labels[label]
         with self._lock:
-            if version:
+            if version is not None:  # 0 too: TF Serving's Specific(name, 0), not the latest
                 servable = entry.loaded.get(version)
                 if servable is None:
                     raise ServingError("NOT_FOUND", f"Servable not found for request: "
@@ -285,7 +312,7 @@ class ServableManager:
             raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
         with self._lock:
             states = {v: (s.state, s.error) for v, s in entry.states.items()}
-        if version:
+        if version is not None:
             if version not in states:
                 raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
             states = {version: states[version]}
