@@ -198,7 +198,7 @@ def judge_by_accuracy(calls: list, on_first_call=None):
         if on_first_call and len(calls) == 1:
             on_first_call()
         baseline = None if baseline_dir is None else digits.accuracy_of_export(baseline_dir, images, labels)
-        return ({"baseline_version": calls[-1]},
+        return ({},
                 bless("acc", 0.99, baseline, threshold=0.5, max_regression=0.001))
     return judge
 

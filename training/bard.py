@@ -362,8 +362,7 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
 
     def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
         baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
-        return ({"baseline_validation_loss_nats": baseline,
-                 "baseline_version": None if baseline_dir is None else int(baseline_dir.name)},
+        return ({"baseline_validation_loss_nats": baseline},
                 pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
                                max_regression=MAX_REGRESSION, higher_is_better=False))
 

@@ -276,8 +276,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
         baseline = (None if baseline_dir is None
                     else accuracy_of_export(baseline_dir, splits.x_test, splits.y_test))
-        return ({"baseline_test_accuracy": baseline,
-                 "baseline_version": None if baseline_dir is None else int(baseline_dir.name)},
+        return ({"baseline_test_accuracy": baseline},
                 pipeline.bless("test accuracy", test_accuracy, baseline, threshold=threshold,
                                max_regression=MAX_REGRESSION))
 

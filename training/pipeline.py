@@ -125,30 +125,23 @@ def judge_against_newest_loadable(name: str, model_dir: Path, judge: Judge) -> t
     that TF Serving's session loader fails on is skipped, as model servers skip it), or
     `judge(None)` when none can: then nothing serves, and the candidate need only pass the value
     threshold. A version that loads but fails to evaluate fails the run instead."""
+    from serving.model_server.servables import first_line, load_session
+
     skipped = []
     for version in reversed(pushed_versions(model_dir)):
-        reason = unloadable(model_dir / str(version))
-        if reason is None:
-            baseline, blessing = judge(model_dir / str(version))
-            break
-        print(f"{name}: version {version} cannot be loaded ({reason[:200]}): judging against "
-              f"the version before it", flush=True)
-        skipped.append(version)
+        try:
+            load_session(model_dir / str(version)).close()  # the loader model servers use
+        except Exception as error:  # noqa: BLE001 - whatever stops the loader stops a model server
+            print(f"{name}: version {version} cannot be loaded ({first_line(error)[:200]}): "
+                  f"judging against the version before it", flush=True)
+            skipped.append(version)
+            continue
+        baseline, blessing = judge(model_dir / str(version))
+        break
     else:
+        version = None
         baseline, blessing = judge(None)
-    return {**baseline, "baseline_skipped_versions": skipped}, blessing
-
-
-def unloadable(version_dir: Path) -> str | None:
-    """Why TF Serving's session loader (the one model servers use) cannot load a version, or None."""
-    import tensorflow as tf
-
-    try:
-        with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
-            tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], str(version_dir))
-    except Exception as error:  # noqa: BLE001 - whatever stops the loader stops a model server
-        return (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return None
+    return {**baseline, "baseline_version": version, "baseline_skipped_versions": skipped}, blessing
 
 
 def finish(name: str, run_dir: Path, export_dir: Path, model_dir: Path, metrics: dict,
