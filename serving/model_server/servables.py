@@ -114,12 +114,12 @@ class Servable:
         try:
             values = self.session.run(fetches, {feeds[key][0]: value for key, value in inputs.items()})
         except (TypeError, ValueError) as exc:
-            raise ServingError("INVALID_ARGUMENT", _first_line(exc)) from None
+            raise ServingError("INVALID_ARGUMENT", first_line(exc)) from None
         except tf.errors.OpError as exc:  # keep TensorFlow's own code: RESOURCE_EXHAUSTED, ...
             code = exc.error_code
             name = {3: "INVALID_ARGUMENT", 8: "RESOURCE_EXHAUSTED", 4: "DEADLINE_EXCEEDED",
                     9: "FAILED_PRECONDITION", 11: "OUT_OF_RANGE"}.get(code, "INTERNAL")
-            raise ServingError(name, _first_line(exc)) from None
+            raise ServingError(name, first_line(exc)) from None
         return dict(zip(names, values, strict=True))
 
 
@@ -136,6 +136,10 @@ class ModelEntry:
     base_path: Path
     loaded: dict = field(default_factory=dict)  # version -> Servable
     states: dict = field(default_factory=dict)  # version -> VersionState
+
+    def loaded_from_base_path(self) -> set[int]:
+        """The loaded versions that come from the current base path (not an old one it moved from)."""
+        return {v for v, s in self.loaded.items() if s.path == self.base_path / str(v)}
 
 
 def _check_input(key: str, value: np.ndarray, wanted) -> None:
@@ -160,7 +164,7 @@ def _check_input(key: str, value: np.ndarray, wanted) -> None:
         raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {problem}, got {given}")
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """The line of an error that says what went wrong. TensorFlow 2 starts with 'Graph execution
     error:' and puts the cause a few lines down, after where it was detected."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -281,7 +285,7 @@ class ServableManager:
         try:
             self.apply_config(read_model_config(self.config_file))
         except Exception as error:  # a bad edit keeps the running config, as TF Serving does
-            log.error("cannot reload %s: %s", self.config_file, _first_line(error))
+            log.error("cannot reload %s: %s", self.config_file, first_line(error))
 
     # -- lookups used by the APIs ------------------------------------------------------
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
@@ -370,8 +374,7 @@ class ServableManager:
         failed = set()
         while True:  # the policy over the versions that can load; again after a load fails
             wanted = _apply_policy(policy, sorted(set(loadable) - failed))
-            current = {v for v, s in entry.loaded.items() if s.path == entry.base_path / str(v)}
-            new = sorted(set(wanted) - current, reverse=True)
+            new = sorted(set(wanted) - entry.loaded_from_base_path(), reverse=True)
             if not new:
                 break  # every wanted version is serving
             for version in new:
@@ -382,7 +385,7 @@ class ServableManager:
         # can load, the newest version serving stays; only a model with no version left on disk
         # for the policy to pick is left with none.
         unwanted = sorted(set(entry.loaded) - set(wanted))
-        moved = any(s.path != entry.base_path / str(v) for v, s in entry.loaded.items())
+        moved = entry.loaded_from_base_path() != set(entry.loaded)
         if unwanted and not wanted and (moved or _apply_policy(policy, sorted(on_disk))):
             unwanted.pop()  # (a moved base path with nothing there yet keeps the old one too)
         for version in unwanted:
@@ -407,7 +410,7 @@ class ServableManager:
         try:
             servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
         except Exception as exc:
-            message = f"Failed to load version {version} of {name} from {path}: {_first_line(exc)}"
+            message = f"Failed to load version {version} of {name} from {path}: {first_line(exc)}"
             log.error(message)
             with self._lock:
                 entry.states[version] = VersionState(AVAILABLE if replaced else END, message, mtime)
