@@ -228,8 +228,10 @@ def write_json_error(sock: socket.socket, status: int, reason: str, message: str
     """gunicorn's util.write_error, for the requests gunicorn refuses before the app sees them (a
     request line or headers over its limits, a malformed request line or chunk), in the gateway's
     JSON error form instead of an HTML page."""
-    reason = {500: "Internal Server Error", 501: "Not Implemented"}.get(status, reason)
-    code = {500: "internal_error"}.get(status, reason.lower().replace(" ", "_"))
+    from serving import errors  # in the worker only: it imports grpc, which must not be forked
+
+    reason = "Not Implemented" if status == 501 else reason  # gunicorn says "Bad Request"
+    code = errors.INTERNAL_ERROR if status == 500 else errors.code_of(reason)
     body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")

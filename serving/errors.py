@@ -18,6 +18,12 @@ from serving import preprocess
 
 log = logging.getLogger("scribe.gateway")
 RETRY_AFTER_SECONDS = 5
+INTERNAL_ERROR = "internal_error"
+
+
+def code_of(reason: str) -> str:
+    """An error code from an HTTP reason phrase: "Method Not Allowed" -> method_not_allowed."""
+    return reason.lower().replace(" ", "_")
 
 
 class ApiError(Exception):
@@ -85,11 +91,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        code = (error.name or "error").lower().replace(" ", "_")
+        code = code_of(error.name or "error")
         headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
         return respond(error.code or 500, code, error.description or error.name, headers)  # Allow
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
         log.exception("unhandled error")
-        return respond(500, "internal_error", "internal error; it has been logged")
+        return respond(500, INTERNAL_ERROR, "internal error; it has been logged")
