@@ -158,6 +158,18 @@ def test_a_finished_stream_gives_its_slot_back(server):
     server.wait_until_idle(timeout=5)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or resets it, or the
+    socket's timeout passes)."""
+    received = b""
+    try:
+        while data := sock.recv(65536):
+            received += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return received
+
+
 def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
     """Three times as many stalled connections as threads: half stop in the headers, half in the body."""
     partial_headers = b"POST /v1/text/generate HTTP/1.1\r\nHost: scribe\r\nContent-Ty"
@@ -166,12 +178,7 @@ def test_slow_clients_are_disconnected_and_do_not_starve_others(server):
     started = time.monotonic()
 
     def closed_after(sock: socket.socket) -> tuple[float, bytes]:
-        received = b""
-        try:
-            while data := sock.recv(4096):
-                received += data
-        except ConnectionResetError:
-            pass
+        received = read_until_closed(sock)
         return time.monotonic() - started, received
 
     slow = []
@@ -229,9 +236,7 @@ def test_a_client_gone_right_at_the_body_limit_gets_400_not_500(server):
                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1))
     sock.sendall(b"\0" * limit)
     sock.shutdown(socket.SHUT_WR)
-    received = b""
-    while data := sock.recv(65536):
-        received += data
+    received = read_until_closed(sock)
     sock.close()
     assert received.startswith(b"HTTP/1.1 400"), received[:300]
     assert b'"code":"bad_request"' in received.replace(b" ", b""), received[-300:]
@@ -244,12 +249,7 @@ def exchange(server: Gunicorn, request: bytes) -> bytes:
     """Send raw bytes and read until the server closes the connection (or 10 s pass)."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(request)
-    received = b""
-    try:
-        while data := sock.recv(65536):
-            received += data
-    except TimeoutError:
-        pass
+    received = read_until_closed(sock)
     sock.close()
     return received
 

@@ -19,6 +19,14 @@ def manager_for(base, tmp_path, policy: str = "", labels: str = "") -> ServableM
     return ServableManager(read_model_config(path), {"/models": str(base)})
 
 
+def serving_version_1(trained, tmp_path):
+    """A copy of the trained model base, and a manager that has polled it: version 1 serving."""
+    base = copy_model_base(trained, tmp_path / "models")
+    manager = manager_for(base, tmp_path)
+    manager.poll_once()
+    return base, manager, manager.servable("digits")
+
+
 @pytest.fixture
 def two_versions(trained, tmp_path):
     base = copy_model_base(trained, tmp_path / "models")
@@ -51,10 +59,7 @@ def fail_warmup(version):
 @pytest.mark.parametrize("corrupt", [corrupt_graph, truncate_variables, fail_warmup])
 def test_a_version_that_fails_to_load_is_skipped_and_the_old_one_keeps_serving(
         trained, tmp_path, caplog, corrupt):
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    serving = manager.servable("digits")
+    base, manager, serving = serving_version_1(trained, tmp_path)
     broken = base / "digits" / "2"
     shutil.copytree(base / "digits" / "1", broken)
     corrupt(broken)
@@ -97,10 +102,7 @@ def keeps_version_1_serving(trained, tmp_path, change) -> None:
     """Version 1 serving, then a broken version 2 on disk and `change(base, manager)`: through the
     poll that fails to load version 2 and the next, version 1's servable keeps serving and its
     status says AVAILABLE (so /readyz stays 200 while it answers)."""
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    serving = manager.servable("digits")
+    base, manager, serving = serving_version_1(trained, tmp_path)
     shutil.copytree(base / "digits" / "1", base / "digits" / "2")
     corrupt_graph(base / "digits" / "2")
     change(base, manager)
@@ -139,10 +141,7 @@ def test_a_moved_base_path_keeps_the_old_versions_serving_until_the_new_ones_loa
     """A config reload pointing the model at another folder: the version loaded from the old one
     answers until the poll that loads the new folder's version, which replaces it even under
     the same number."""
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    old = manager.servable("digits")
+    base, manager, old = serving_version_1(trained, tmp_path)
     shutil.copytree(base / "digits", base / "moved")
     move_base_path(manager, tmp_path, "moved")
     assert manager.servable("digits") is old  # between the reload and the next poll
@@ -159,10 +158,7 @@ def test_a_moved_base_path_keeps_the_old_versions_serving_until_the_new_ones_loa
 def test_a_base_path_moved_to_a_folder_with_no_versions_yet_keeps_the_old_one_serving(
         trained, tmp_path):
     """A reload that points at a folder not filled (or mounted) yet must not take the model down."""
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    old = manager.servable("digits")
+    base, manager, old = serving_version_1(trained, tmp_path)
     move_base_path(manager, tmp_path, "not-there-yet")
     for _ in range(2):
         manager.poll_once()
@@ -182,10 +178,7 @@ def test_a_moved_base_path_whose_versions_cannot_load_keeps_the_old_one_serving(
 
 def test_a_moved_base_path_whose_version_of_the_same_number_cannot_load_keeps_the_old_one(
         trained, tmp_path):
-    base = copy_model_base(trained, tmp_path / "models")
-    manager = manager_for(base, tmp_path)
-    manager.poll_once()
-    old = manager.servable("digits")
+    base, manager, old = serving_version_1(trained, tmp_path)
     shutil.copytree(base / "digits", base / "moved")
     corrupt_graph(base / "moved" / "1")
     move_base_path(manager, tmp_path, "moved")
