@@ -6,6 +6,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import requests
 import tensorflow as tf
 from conftest import ROOT, copy_model_base
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -21,7 +22,7 @@ def batching_server(trained, trained_bard, tmp_path_factory):
     copy_model_base(trained, base)
     copy_model_base(trained_bard, base)
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(base)},
-                                grpc_port=0, host="127.0.0.1", batching={
+                                grpc_port=0, rest_port=0, host="127.0.0.1", batching={
                                     "max_batch_size": 64, "batch_timeout_micros": 50_000,
                                     "num_batch_threads": 1})
     assert server.manager.wait_until_available(timeout=120)
@@ -58,6 +59,70 @@ def test_concurrent_requests_share_model_runs_and_get_their_own_rows(batching_se
     assert np.allclose(np.stack(results), alone["probabilities"], atol=1e-5)
     assert batcher.requests_run - requests_before == len(images)
     assert batcher.batches_run - runs_before < len(images) / 2  # they shared model runs
+
+
+def test_rest_prompts_of_different_lengths_share_model_runs(batching_server):
+    """numpy gives text a dtype per length; prompts must still batch together, each row
+    generating what it generates alone."""
+    url = f"http://127.0.0.1:{batching_server.rest_port}/v1/models/bard:predict"
+    prompts = ["O", "ROMEO:", "Shall I compare thee", "To be, or not to be, that is"] * 2
+
+    def generate(prompt: str) -> str:
+        response = requests.post(url, timeout=60, json={"instances": [
+            {"prompt": prompt, "max_chars": 20, "temperature": 1.0, "top_k": 5, "seed": 3}]})
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["text"]
+
+    alone = {prompt: generate(prompt) for prompt in set(prompts)}
+    batcher = batching_server.manager.servable("bard").batchers["serving_default"]
+    runs_before, requests_before = batcher.batches_run, batcher.requests_run
+    texts = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def one(i):
+        start.wait()
+        texts[i] = generate(prompts[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert texts == [alone[prompt] for prompt in prompts]
+    assert batcher.requests_run - requests_before == len(prompts)
+    assert batcher.batches_run - runs_before < len(set(prompts))  # lengths shared runs
+
+
+def test_runs_and_the_queue_limit_are_shared_by_every_key():
+    """As a TF Serving scheduler's threads serve all its queues: a request of another key waits
+    for the one run allowed, and counts against the queue limit, instead of running at once."""
+    running, release = threading.Event(), threading.Event()
+    runs = []
+
+    def run(inputs, key):
+        runs.append(key)
+        if key == "a":
+            running.set()
+            release.wait(10)
+        return {"y": inputs["x"]}
+
+    batcher = DynamicBatcher(run, {"max_batch_size": 1, "batch_timeout_micros": 0,
+                                   "max_enqueued_batches": 1, "num_batch_threads": 1})
+    first = threading.Thread(target=batcher.submit, args=({"x": np.array([0])}, "a"))
+    first.start()
+    assert running.wait(10)
+    second = threading.Thread(target=batcher.submit, args=({"x": np.array([1])}, "b"))
+    second.start()
+    time.sleep(0.3)
+    assert runs == ["a"]  # "b" waits for the run
+    with pytest.raises(QueueFull):  # one row waiting fills the queue, whatever its key or shape
+        batcher.submit({"x": np.array([[2, 2]])}, key="c")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert runs == ["a", "b"]
+    assert batcher.submit({"x": np.array([3])}, key="d")["y"].tolist() == [3]  # the run was freed
+    batcher.stop()
 
 
 def test_signatures_with_a_batch_dimension_everywhere_are_batched(batching_server):
@@ -137,7 +202,7 @@ def test_requests_run_on_their_callers_threads_and_only_share_with_their_own_key
         answers[i] = batcher.submit({"x": x}, key=key)["y"].tolist()
 
     # While key "a" runs [0], another [1] and [3] of key "a" wait and then share one run; key
-    # "b" and a request of another shape do not wait for "a".
+    # "b" and a request of another shape wait too, but each runs in a batch of its own.
     submits = [("a", np.array([0])), ("a", np.array([1])), ("b", np.array([2])), ("a", np.array([3])),
                ("a", np.array([[4, 4]]))]
     threads = [threading.Thread(target=caller, args=(i, *submit), name=f"caller-{i}")

@@ -10,8 +10,11 @@ than max_enqueued_batches batches' worth of rows are waiting, new requests are r
 UNAVAILABLE at once, as TF Serving does, instead of queueing without bound.
 
 Requests are batched only with others of the same key (the caller's, plus every input's shape
-after the batch dimension and dtype), so one request's odd shape never fails another's batch.
-The gateway uses the same batcher to coalesce digit requests into shared Predict calls
+after the batch dimension and dtype, text of any length counting as one dtype), so one request's
+odd shape never fails another's batch. The runs and the queue limit are shared by all keys, as a
+TF Serving batch scheduler's threads are shared by its queues: requests of many different shapes
+wait their turn like the rest instead of each key running num_batch_threads of its own. The
+gateway uses the same batcher to coalesce digit requests into shared Predict calls
 (serving/app.py), keyed by model pin.
 """
 
@@ -28,6 +31,13 @@ DEFAULTS = {"max_batch_size": 32, "batch_timeout_micros": 1000, "max_enqueued_ba
             "num_batch_threads": 2}
 
 Tensors = dict[str, np.ndarray]
+
+
+def _dtype_key(value) -> str:
+    """A dtype for batching keys: numpy gives text a dtype per length ('<U3', '<U5'), and prompts
+    of different lengths still concatenate into one batch."""
+    dtype = np.asarray(value).dtype
+    return dtype.kind if dtype.kind in "USO" else dtype.str
 
 
 class QueueFull(Exception):
@@ -63,8 +73,8 @@ class DynamicBatcher:
         self.requests_run = 0
         self._lock = threading.Lock()
         self._company = threading.Condition(self._lock)  # a run waiting to fill its batch
-        self._waiting: dict[Hashable, deque[_Request]] = {}
-        self._running: dict[Hashable, int] = {}
+        self._waiting: dict[Hashable, deque[_Request]] = {}  # only keys with requests waiting
+        self._runs = 0  # runs in progress, of any key
         self._waiting_rows = 0
         self._stopped = False
 
@@ -72,15 +82,15 @@ class DynamicBatcher:
         rows = len(next(iter(inputs.values())))
         if rows > self.max_batch_size or rows == 0:
             return self.run(inputs, key)  # too big to share a batch: run on its own
-        key = (key, tuple((name, np.shape(value)[1:], np.asarray(value).dtype.str)
+        key = (key, tuple((name, np.shape(value)[1:], _dtype_key(value))
                           for name, value in sorted(inputs.items())))
         request = _Request(inputs, rows)
         with self._lock:
             if self._stopped:  # an unloaded version finishing its last requests
                 lead = None
-            elif self._running.get(key, 0) < self.max_runs:
+            elif self._runs < self.max_runs:
                 # Requests wait only while every run is taken, so this one is the oldest: it runs now.
-                self._running[key] = self._running.get(key, 0) + 1
+                self._runs += 1
                 lead = True
             elif self._waiting_rows + rows > self.max_waiting_rows:
                 raise QueueFull(f"the batching queue is full ({self._waiting_rows} rows waiting)")
@@ -124,6 +134,8 @@ class DynamicBatcher:
                 batch.append(waiting.popleft())
                 rows += batch[-1].rows
                 self._waiting_rows -= batch[-1].rows
+            if key in self._waiting and not waiting:
+                del self._waiting[key]
         try:
             inputs = first.inputs if len(batch) == 1 else {
                 name: np.concatenate([r.inputs[name] for r in batch]) for name in first.inputs}
@@ -145,16 +157,16 @@ class DynamicBatcher:
         with self._lock:
             self.batches_run += 1
             self.requests_run += len(batch)
-            waiting = self._waiting.get(key)
+            # The run passes to the oldest waiting request of any key, which runs its own key's batch.
             successor = None
-            if waiting:
-                successor = waiting.popleft()
+            if self._waiting:
+                oldest = min(self._waiting, key=lambda k: self._waiting[k][0].enqueued)
+                successor = self._waiting[oldest].popleft()
                 self._waiting_rows -= successor.rows
+                if not self._waiting[oldest]:  # forget idle keys: callers' keys are not a fixed set
+                    del self._waiting[oldest]
             else:
-                self._running[key] -= 1
-                if not self._running[key]:  # forget idle keys: callers' keys are not a fixed set
-                    del self._running[key]
-                    self._waiting.pop(key, None)
+                self._runs -= 1
         for request in batch:
             request.done = True
             if request is not first:
