@@ -39,23 +39,30 @@ def predict(port: int, images: np.ndarray) -> np.ndarray:
     return tf.make_ndarray(response.outputs["probabilities"])
 
 
+def all_at_once(call, arguments: list) -> list:
+    """call(argument) for every argument, each on its own thread, released together."""
+    results = [None] * len(arguments)
+    start = threading.Barrier(len(arguments))
+
+    def one(i):
+        start.wait()
+        results[i] = call(arguments[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(arguments))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def test_concurrent_requests_share_model_runs_and_get_their_own_rows(batching_server):
     images = load_digits("mnist-5k").x_test[:24]
     alone = batching_server.manager.servable("digits")._run("serving_default", {"image": images})
     batcher = batching_server.manager.servable("digits").batchers["serving_default"]
     runs_before, requests_before = batcher.batches_run, batcher.requests_run
-    results = [None] * len(images)
-    start = threading.Barrier(len(images))
-
-    def one(i):
-        start.wait()
-        results[i] = predict(batching_server.grpc_port, images[i:i + 1])[0]
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = all_at_once(lambda i: predict(batching_server.grpc_port, images[i:i + 1])[0],
+                          list(range(len(images))))
     assert np.allclose(np.stack(results), alone["probabilities"], atol=1e-5)
     assert batcher.requests_run - requests_before == len(images)
     assert batcher.batches_run - runs_before < len(images) / 2  # they shared model runs
@@ -76,18 +83,7 @@ def test_rest_prompts_of_different_lengths_share_model_runs(batching_server):
     alone = {prompt: generate(prompt) for prompt in set(prompts)}
     batcher = batching_server.manager.servable("bard").batchers["serving_default"]
     runs_before, requests_before = batcher.batches_run, batcher.requests_run
-    texts = [None] * len(prompts)
-    start = threading.Barrier(len(prompts))
-
-    def one(i):
-        start.wait()
-        texts[i] = generate(prompts[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    texts = all_at_once(generate, prompts)
     assert texts == [alone[prompt] for prompt in prompts]
     assert batcher.requests_run - requests_before == len(prompts)
     assert batcher.batches_run - runs_before < len(set(prompts))  # lengths shared runs
