@@ -255,7 +255,8 @@ def test_the_tfserving_command_line_serves_through_the_embedded_model_server(com
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     assert tf.make_ndarray(response.outputs["digit"]).shape == (2,)
     metrics = requests.get(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics", timeout=10).text
-    assert ':tensorflow:serving:request_count_total{API="predict",model_name="digits",status="OK"}' \
+    assert ':tensorflow:serving:request_count{model_name="digits",status="OK"}' in metrics
+    assert ':tensorflow:serving:request_latency_count{model_name="digits",API="Predict",entrypoint="GRPC"}' \
         in metrics
 
 

@@ -219,3 +219,55 @@ def test_bard_inputs_of_the_wrong_kind_or_out_of_range_are_refused_not_wrapped(t
     with pytest.raises(ServingError) as error:  # the graph's own error, with its cause
         bard.predict("serving_default", {**good, "max_chars": np.array([-5], np.int32)})
     assert error.value.message != "Graph execution error:" and not error.value.message.endswith(":")
+
+
+def test_prometheus_metrics_are_tf_serving_s_own_and_count_every_predict(trained, test_digits):
+    """A dashboard built on TF Serving reads this server alike: TF Serving's names, labels, units
+    (microseconds) and buckets, its page format, and failures counted by status, including those
+    that fail before any model runs."""
+    from serving.model_server import start_model_server
+
+    path = "/monitoring/prometheus/metrics"
+    server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(trained.model_base)},
+                                grpc_port=0, rest_port=0, host="127.0.0.1", prometheus_path=path)
+    try:
+        assert server.manager.wait_until_available(["digits"], timeout=120)
+        rest = f"http://127.0.0.1:{server.rest_port}"
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            grpc_predict(channel, test_digits[0][:2])
+            with pytest.raises(grpc.RpcError):
+                grpc_predict(channel, test_digits[0][:2], name="no-such-model")
+            with pytest.raises(grpc.RpcError):
+                grpc_predict(channel, test_digits[0][:2], key="pixels")
+        assert requests.post(rest + "/v1/models/digits:predict", timeout=30,
+                             json={"instances": test_digits[0][:1].tolist()}).status_code == 200
+        assert requests.post(rest + "/v1/models/digits:predict", data="{not json",
+                             timeout=30).status_code == 400
+        assert requests.post(rest + "/v1/models/digits:predict", json={"instances": []},
+                             timeout=30).status_code == 400
+        page = requests.get(rest + path, timeout=10)
+    finally:
+        server.stop()
+    assert page.headers["Content-Type"].startswith("text/plain")
+    lines = page.text.splitlines()
+    counts = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1])
+              for line in lines if line.startswith(":tensorflow:serving:request_count{")}
+    assert counts == {':tensorflow:serving:request_count{model_name="digits",status="OK"}': 2,
+                      ':tensorflow:serving:request_count{model_name="digits",status="INVALID_ARGUMENT"}': 3,
+                      ':tensorflow:serving:request_count{model_name="unknown",status="NOT_FOUND"}': 1}
+    assert "# TYPE :tensorflow:serving:request_count counter" in lines
+    assert "# TYPE :tensorflow:serving:request_latency histogram" in lines
+    latency = ":tensorflow:serving:request_latency"
+    for entrypoint in ("GRPC", "REST"):  # one successful call each, in TF Serving's buckets
+        point = f'model_name="digits",API="Predict",entrypoint="{entrypoint}"'
+        buckets = [line for line in lines if line.startswith(f"{latency}_bucket{{{point},")]
+        limits = [line.split('le="')[1].split('"')[0] for line in buckets]
+        assert limits[:6] == ["10", "18", "32.4", "58.32", "104.976", "188.957"]
+        assert len(limits) == 34 and limits[-1] == "+Inf"
+        cumulative = [int(line.rsplit(" ", 1)[1]) for line in buckets]
+        assert cumulative == sorted(cumulative) and cumulative[-1] == 1
+        assert f"{latency}_count{{{point}}} 1" in lines
+        [micros] = [float(line.split()[-1]) for line in lines if line.startswith(f"{latency}_sum{{{point}}}")]
+        assert 10 < micros < 30e6  # microseconds: more than 10 µs, less than 30 s
+        bucket = cumulative.index(1)  # the one call's bucket: the first limit above its time
+        assert float(limits[bucket - 1]) <= micros * 1.00001 and float(limits[bucket]) > micros * 0.99999

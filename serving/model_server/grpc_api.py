@@ -35,23 +35,30 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
 
     def Predict(self, request, context):
-        started = time.perf_counter()
+        started, status = time.perf_counter(), "OK"
+        try:
+            return self._predict(request)
+        except ServingError as error:
+            status = error.code
+            _abort(context, error)
+        finally:  # every call counted, as TF Serving does, whatever failed
+            self.manager.record_predict(request.model_spec.name, "GRPC", status,
+                                        time.perf_counter() - started)
+
+    def _predict(self, request) -> predict_pb2.PredictResponse:
         try:
             servable = self.manager.servable(*_spec(request.model_spec))
             inputs = {key: from_proto(proto) for key, proto in request.inputs.items()}
             outputs = servable.predict(request.model_spec.signature_name, inputs,
                                        list(request.output_filter) or None)
-        except (ServingError, ValueError, TypeError, KeyError) as error:  # a TensorProto that does
-            # not decode: a bad length (ValueError), a dtype that is not a tensor's (TypeError, KeyError)
-            if not isinstance(error, ServingError):
-                error = ServingError("INVALID_ARGUMENT", str(error))
-            self.manager.metrics.observe(self._label(request.model_spec.name), "predict", error.code,
-                                         time.perf_counter() - started)
-            _abort(context, error)
+        except (ValueError, TypeError, KeyError) as error:  # a TensorProto that does not decode: a
+            # bad length (ValueError), a dtype that is not a tensor's (TypeError, KeyError)
+            raise ServingError("INVALID_ARGUMENT", str(error)) from None
+        except ServingError:
+            raise
         except Exception as error:  # never an opaque UNKNOWN: say INTERNAL and log it
             log.exception("Predict failed")
-            _abort(context, ServingError("INTERNAL", f"{type(error).__name__}: {error}"))
-        self.manager.metrics.observe(servable.name, "predict", "OK", time.perf_counter() - started)
+            raise ServingError("INTERNAL", f"{type(error).__name__}: {error}") from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
@@ -59,9 +66,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for key, value in outputs.items():
             to_proto(value, into=response.outputs[key])
         return response
-
-    def _label(self, name: str) -> str:
-        return name if name in self.manager.models else "unknown"  # bounded label values
 
     def GetModelMetadata(self, request, context):
         if list(request.metadata_field) != ["signature_def"]:

@@ -13,8 +13,6 @@ import time
 import numpy as np
 from flask import Flask, Response, jsonify, request
 from google.protobuf import json_format
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tensorflow_serving.apis import get_model_metadata_pb2
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
@@ -32,7 +30,7 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
     if prometheus_path:
         @app.get(prometheus_path)
         def prometheus():
-            return Response(generate_latest(manager.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+            return Response(manager.metrics.render(), mimetype="text/plain")  # as TF Serving
 
     @app.errorhandler(ServingError)
     def serving_error(error: ServingError):
@@ -78,6 +76,18 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
     @app.post("/v1/models/<name>/versions/<int:version>:predict")
     @app.post("/v1/models/<name>/labels/<label>:predict")
     def predict(name, version=None, label=None):
+        started, status = time.perf_counter(), "INTERNAL"
+        try:
+            answer = _predict(name, version, label)
+            status = "OK"
+            return answer
+        except ServingError as error:
+            status = error.code
+            raise
+        finally:  # every request counted, as TF Serving does, whatever failed
+            manager.record_predict(name, "REST", status, time.perf_counter() - started)
+
+    def _predict(name, version, label):
         try:  # whatever the Content-Type, as TF Serving (its docs post with plain curl -d)
             body = request.get_json(force=True, silent=True)
         except RecursionError:
@@ -98,14 +108,7 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
                 else _columns_to_inputs(body["inputs"], input_names)
         except RecursionError:
             raise ServingError("INVALID_ARGUMENT", "the inputs are nested too deeply") from None
-        started = time.perf_counter()
-        try:
-            outputs = servable.predict(signature, inputs)
-        except ServingError as error:
-            manager.metrics.observe(servable.name, "predict_rest", error.code,
-                                    time.perf_counter() - started)
-            raise
-        manager.metrics.observe(name, "predict_rest", "OK", time.perf_counter() - started)
+        outputs = servable.predict(signature, inputs)
         if row_format:
             return jsonify(predictions=_outputs_to_rows(outputs))
         columns = {key: _to_json(value) for key, value in outputs.items()}

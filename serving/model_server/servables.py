@@ -8,6 +8,7 @@ failed to load so the previous one keeps serving.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -288,6 +289,12 @@ class ServableManager:
             log.error("cannot reload %s: %s", self.config_file, first_line(error))
 
     # -- lookups used by the APIs ------------------------------------------------------
+    def record_predict(self, name: str, entrypoint: str, status: str, seconds: float) -> None:
+        """Count a Predict call (entrypoint GRPC or REST) in TF Serving's metrics, labelled with
+        the model it asked for; names the config does not list count as "unknown", so that
+        made-up names cannot mint time series without bound."""
+        self.metrics.observe(name if name in self.models else "unknown", entrypoint, status, seconds)
+
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         entry = self.models.get(name)
         if entry is None:
@@ -425,24 +432,59 @@ class ServableManager:
 
 
 class ServerMetrics:
-    """Prometheus metrics named like TF Serving's own, served at the monitoring config's path."""
+    """TF Serving's own Prometheus metrics, written as its exporter writes them, so that one
+    dashboard reads TF Serving and this server alike: `:tensorflow:serving:request_count` counts
+    every Predict by the model name it asked for and its status, whatever failed, and
+    `:tensorflow:serving:request_latency` is the wall time of those that succeeded, in
+    microseconds, by API and entrypoint (GRPC or REST), in TF Serving's buckets."""
+
+    COUNT = ":tensorflow:serving:request_count"
+    LATENCY = ":tensorflow:serving:request_latency"
+    BUCKETS = [10 * 1.8 ** i for i in range(33)]  # TF Serving's Buckets::Exponential(10, 1.8, 33)
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._latency: dict[tuple[str, str, str], list] = {}  # [per-bucket counts, sum]
 
-        self.registry = CollectorRegistry()
-        self.requests = Counter(":tensorflow:serving:request_count", "Predict requests",
-                                ["model_name", "API", "status"], registry=self.registry)
-        self.latency = Histogram(":tensorflow:serving:request_latency", "Predict latency (seconds)",
-                                 ["model_name", "API"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                          0.5, 1, 2.5, 5, 10))
+    def observe(self, model: str, entrypoint: str, status: str, seconds: float) -> None:
+        with self._lock:
+            self._counts[model, status] = self._counts.get((model, status), 0) + 1
+            if status != "OK":
+                return
+            micros = int(seconds * 1e6)
+            cell = self._latency.setdefault((model, "Predict", entrypoint),
+                                            [[0] * (len(self.BUCKETS) + 1), 0])
+            cell[0][bisect.bisect_right(self.BUCKETS, micros)] += 1  # TF: first limit above it
+            cell[1] += micros
 
-    def observe(self, model: str, api: str, status: str, seconds: float) -> None:
-        self.requests.labels(model, api, status).inc()
-        if status != "OK":
-            return
-        self.latency.labels(model, api).observe(seconds)
+    def render(self) -> str:
+        """The page TF Serving's PrometheusExporter writes: each label value escaped, numbers as
+        absl::StrCat prints them (six significant digits), the +Inf bucket last."""
+        def labels(**values: str) -> str:
+            return ",".join(f'{name}="{_escape_label(value)}"' for name, value in values.items())
+
+        with self._lock:
+            counts = sorted(self._counts.items())
+            latency = sorted((key, (list(buckets), total)) for key, (buckets, total) in self._latency.items())
+        lines = [f"# TYPE {self.COUNT} counter"]
+        lines += [f"{self.COUNT}{{{labels(model_name=model, status=status)}}} {count}"
+                  for (model, status), count in counts]
+        lines.append(f"# TYPE {self.LATENCY} histogram")
+        for (model, api, entrypoint), (buckets, total) in latency:
+            point = labels(model_name=model, API=api, entrypoint=entrypoint)
+            cumulative = 0
+            for limit, count in zip([*(f"{b:.6g}" for b in self.BUCKETS), "+Inf"], buckets, strict=True):
+                cumulative += count
+                lines.append(f'{self.LATENCY}_bucket{{{point},le="{limit}"}} {cumulative}')
+            lines.append(f"{self.LATENCY}_sum{{{point}}} {total:.6g}")
+            lines.append(f"{self.LATENCY}_count{{{point}}} {cumulative}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    # TF Serving escapes backslashes and quotes; a newline too here, as Prometheus does
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def map_base_path(base_path: str, mapping: dict[str, str] | None) -> Path:
