@@ -13,7 +13,7 @@ import time
 from conftest import DIGITS_CONFIG, ROOT
 from reliability import record
 
-from training.push import HIGH_WATER, STAGING_PREFIX, push_version, pushed_versions
+from training.push import HIGH_WATER, LOCK, STAGING_PREFIX, push_version, pushed_versions
 
 PUSH = "import sys; from training.push import push_version; push_version(sys.argv[1], sys.argv[2])"
 # The end of every training job, as in training/digits.py run(): export, verify the export in a
@@ -86,6 +86,30 @@ def test_concurrent_pushes_among_stale_staging_folders_all_land_with_distinct_nu
     assert pushed_versions(model_dir) == list(range(1, 9))
     assert (model_dir / HIGH_WATER).read_text().strip() == "8"
     assert not list(model_dir.glob(STAGING_PREFIX + "*"))
+    assert_every_version_complete(model_dir, export)
+
+
+def test_a_push_takes_its_number_only_while_it_holds_the_model_s_lock(trained, tmp_path):
+    """The race above cannot be forced on every run; this shows, every time, that numbers are
+    taken under the lock: while another holder has it, a push copies but lands nothing."""
+    import fcntl
+
+    export = export_copy(trained, tmp_path)
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    with open(model_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pusher = subprocess.Popen([sys.executable, "-c", PUSH + "; print('pushed')", str(export),
+                                   str(model_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not any((p / "saved_model.pb").exists() for p in model_dir.glob(STAGING_PREFIX + "*")):
+            assert pusher.poll() is None and time.monotonic() < deadline  # copying, then waiting
+            time.sleep(0.05)
+        time.sleep(1)
+        assert pusher.poll() is None
+        assert pushed_versions(model_dir) == []
+    assert pusher.communicate(timeout=60)[0].strip() == "pushed"
+    assert pushed_versions(model_dir) == [1]
     assert_every_version_complete(model_dir, export)
 
 
