@@ -35,12 +35,17 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
 
     def Predict(self, request, context):
-        started, status = time.perf_counter(), "OK"
+        started, status = time.perf_counter(), "INTERNAL"
         try:
-            return self._predict(request)
+            response = self._predict(request)
+            status = "OK"
+            return response
         except ServingError as error:
             status = error.code
             _abort(context, error)
+        except Exception as error:  # never an opaque UNKNOWN: say INTERNAL and log it
+            log.exception("Predict failed")
+            _abort(context, ServingError("INTERNAL", f"{type(error).__name__}: {error}"))
         finally:  # every call counted, as TF Serving does, whatever failed
             self.manager.record_predict(request.model_spec.name, "GRPC", status,
                                         time.perf_counter() - started)
@@ -54,11 +59,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         except (ValueError, TypeError, KeyError) as error:  # a TensorProto that does not decode: a
             # bad length (ValueError), a dtype that is not a tensor's (TypeError, KeyError)
             raise ServingError("INVALID_ARGUMENT", str(error)) from None
-        except ServingError:
-            raise
-        except Exception as error:  # never an opaque UNKNOWN: say INTERNAL and log it
-            log.exception("Predict failed")
-            raise ServingError("INTERNAL", f"{type(error).__name__}: {error}") from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
