@@ -89,6 +89,21 @@ def test_rest_prompts_of_different_lengths_share_model_runs(batching_server):
     assert batcher.batches_run - runs_before < len(set(prompts))  # lengths shared runs
 
 
+def test_one_request_s_bad_input_fails_only_that_request_not_its_batch(batching_server):
+    """The server's own input checks judge each request before it joins a batch: a value that
+    does not fit int32 is refused, and the prompt batched with it still generates."""
+    url = f"http://127.0.0.1:{batching_server.rest_port}/v1/models/bard:predict"
+
+    def generate(max_chars: int) -> tuple[int, dict]:
+        response = requests.post(url, timeout=60, json={"instances": [
+            {"prompt": "ROMEO:", "max_chars": max_chars, "temperature": 1.0, "top_k": 5, "seed": 3}]})
+        return response.status_code, response.json()
+
+    good, bad = all_at_once(generate, [20, 2 ** 40])
+    assert bad[0] == 400 and "does not fit int32" in bad[1]["error"]
+    assert good[0] == 200 and len(good[1]["predictions"][0]["text"]) == 20
+
+
 def test_runs_and_the_queue_limit_are_shared_by_every_key():
     """As a TF Serving scheduler's threads serve all its queues: a request of another key waits
     for the one run allowed, and counts against the queue limit, instead of running at once."""
@@ -109,7 +124,10 @@ def test_runs_and_the_queue_limit_are_shared_by_every_key():
     assert running.wait(10)
     second = threading.Thread(target=batcher.submit, args=({"x": np.array([1])}, "b"))
     second.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while batcher._waiting_rows < 1 and time.monotonic() < deadline:  # "b" has queued
+        time.sleep(0.01)
+    time.sleep(0.1)
     assert runs == ["a"]  # "b" waits for the run
     with pytest.raises(QueueFull):  # one row waiting fills the queue, whatever its key or shape
         batcher.submit({"x": np.array([[2, 2]])}, key="c")

@@ -92,6 +92,9 @@ class Servable:
         if missing or extra:
             raise ServingError("INVALID_ARGUMENT", f"input tensor alias not found in signature: "
                                f"missing {missing}, unexpected {extra}")
+        feeds = self._plans[signature][2]
+        for key, value in inputs.items():  # each request on its own, before it can share a batch
+            _check_input(key, np.asarray(value), feeds[key][1])
         batcher = self.batchers.get(signature)
         rows = {np.shape(v)[0] if np.ndim(v) else None for v in inputs.values()}
         if batcher is not None and len(rows) == 1 and None not in rows:
@@ -110,8 +113,6 @@ class Servable:
 
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, fetches, feeds = self._plans[signature]
-        for key, value in inputs.items():
-            _check_input(key, np.asarray(value), feeds[key][1])
         try:
             values = self.session.run(fetches, {feeds[key][0]: value for key, value in inputs.items()})
         except (TypeError, ValueError) as exc:
