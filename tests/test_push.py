@@ -91,7 +91,8 @@ def test_concurrent_pushes_among_stale_staging_folders_all_land_with_distinct_nu
 
 def test_a_push_takes_its_number_only_while_it_holds_the_model_s_lock(trained, tmp_path):
     """The race above cannot be forced on every run; this shows, every time, that numbers are
-    taken under the lock: while another holder has it, a push copies but lands nothing."""
+    taken under the lock: while another holder has it, a push copies but lands nothing, and the
+    number it then takes follows what the holder recorded."""
     import fcntl
 
     export = export_copy(trained, tmp_path)
@@ -108,8 +109,11 @@ def test_a_push_takes_its_number_only_while_it_holds_the_model_s_lock(trained, t
         time.sleep(1)
         assert pusher.poll() is None
         assert pushed_versions(model_dir) == []
+        # Another pusher, holding the lock, took numbers up to 5 and its versions were rolled
+        # back: the waiting push must read the mark after it gets the lock, not before.
+        (model_dir / HIGH_WATER).write_text("5\n")
     assert pusher.communicate(timeout=60)[0].strip() == "pushed"
-    assert pushed_versions(model_dir) == [1]
+    assert pushed_versions(model_dir) == [6]
     assert_every_version_complete(model_dir, export)
 
 
