@@ -132,6 +132,29 @@ def test_requests_batched_together_write_what_each_writes_alone(trained_bard):
         np.testing.assert_allclose(states[row], state[0], atol=1e-5)
 
 
+def test_asking_for_no_characters_writes_none_alone_or_batched(trained_bard):
+    """max_chars 0 (or below, clipped to 0) writes nothing and keeps the prompt's state, alone as
+    in a batch: a batch in which no row writes anything must not fail."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(trained_bard.version_dir))
+    generate, resume = model.signatures["serving_default"], model.signatures["continue"]
+
+    def run(signature, max_chars, **extra):
+        inputs = generation_inputs(len(max_chars), 1, seed=5)
+        inputs["max_chars"] = np.array(max_chars, np.int32)
+        out = signature(**{k: tf.constant(v) for k, v in {**inputs, **extra}.items()})
+        return [t.decode() for t in out["text"].numpy()], out["state"].numpy()
+
+    prompts = {"prompt": np.array([b"ROMEO:", b"ROMEO:"])}
+    texts, states = run(generate, [0, -5], **prompts)
+    assert texts == ["", ""]
+    _, after_three = run(generate, [3, 0], **prompts)
+    np.testing.assert_allclose(states[0], after_three[1], atol=1e-6)  # the prompt's own state
+    texts, _ = run(resume, [0], state=states[:1], position=np.zeros(1, np.int32))
+    assert texts == [""]
+
+
 def test_top_k_of_one_is_greedy_so_the_seed_no_longer_matters(gateway):
     a = generate(gateway, prompt="Shall I", max_chars=80, top_k=1, seed=1).json()["text"]
     b = generate(gateway, prompt="Shall I", max_chars=80, top_k=1, seed=2).json()["text"]

@@ -222,12 +222,16 @@ def make_generator(model, alphabet: list[str]):
             # cost (its control flow, weight reads, noise lookup and writing out the characters) is
             # paid once per UNROLL characters. The rest, and the characters only the longer rows
             # write, go one at a time.
-            written = tf.TensorArray(tf.int32, size=steps, element_shape=[None])
+            written = tf.TensorArray(tf.int32, size=steps + 1, element_shape=[None])
             i, final, written = tf.while_loop(lambda i, *_: i + UNROLL <= every_row, together,
                                               [0, hs, written])
             _, final, written = tf.while_loop(lambda i, *_: i < steps, one_by_one, [i, final, written])
+            # One element more than the characters, dropped after stacking: a batch in which no
+            # row writes anything (max_chars 0) would stack an empty list, which TensorFlow
+            # refuses for an element shape it does not know in full.
+            written = written.write(steps, tf.zeros_like(max_chars))
             return (tf.concat(final, axis=1),
-                    tf.reshape(tf.transpose(written.stack()), [tf.shape(max_chars)[0], steps]))
+                    tf.reshape(tf.transpose(written.stack())[:, :steps], [tf.shape(max_chars)[0], steps]))
 
         # Two loops, so that requests without top_k pay nothing for it at every character.
         final, ids = tf.cond(tf.reduce_any(top_k > 0), lambda: loop(True), lambda: loop(False))
