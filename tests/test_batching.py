@@ -104,6 +104,15 @@ def test_one_request_s_bad_input_fails_only_that_request_not_its_batch(batching_
     assert good[0] == 200 and len(good[1]["predictions"][0]["text"]) == 20
 
 
+def test_inputs_of_different_row_counts_are_refused_as_tf_serving_s_batching_session_does(
+        batching_server):
+    url = f"http://127.0.0.1:{batching_server.rest_port}/v1/models/bard:predict"
+    response = requests.post(url, timeout=60, json={"inputs": {
+        "prompt": ["ROMEO:"], "max_chars": [5, 5], "temperature": [1.0], "top_k": [0], "seed": [1]}})
+    assert response.status_code == 400
+    assert "equal 0th-dimension size" in response.json()["error"]
+
+
 def test_runs_and_the_queue_limit_are_shared_by_every_key():
     """As a TF Serving scheduler's threads serve all its queues: a request of another key waits
     for the one run allowed, and counts against the queue limit, instead of running at once."""

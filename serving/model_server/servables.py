@@ -97,6 +97,9 @@ class Servable:
             _check_input(key, np.asarray(value), feeds[key][1])
         batcher = self.batchers.get(signature)
         rows = {np.shape(v)[0] if np.ndim(v) else None for v in inputs.values()}
+        if batcher is not None and len(rows) > 1 and None not in rows:  # TF Serving's words
+            raise ServingError("INVALID_ARGUMENT", "Batching session Run() input tensors must have "
+                               f"equal 0th-dimension size: {sorted(rows)}")
         if batcher is not None and len(rows) == 1 and None not in rows:
             try:
                 outputs = batcher.submit(inputs)
