@@ -233,12 +233,16 @@ def test_unknown_route_is_a_json_404(gateway):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-def test_model_server_timeout_is_504(gateway):
+def test_model_server_timeout_is_504(gateway, tmp_path):
     from conftest import LiveGateway
 
-    # A deadline of 1 µs expires before any answer can arrive; 0.5 ms let a digit call through
-    # once the digits model got faster.
-    live = LiveGateway(Path(gateway.settings.model_dir), model_timeout_seconds=1e-6)
+    # The embedded server waits 0.3 s for company before each model run, so a 50 ms deadline
+    # expires every time. A deadline alone did not: gRPC keeps time in milliseconds, and on a
+    # fast machine a digit call answered within even a 1 µs deadline.
+    slow = tmp_path / "batching.config"
+    slow.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 300000 }\n")
+    live = LiveGateway(Path(gateway.settings.model_dir), model_timeout_seconds=0.05,
+                       batching_config=str(slow))
     try:
         assert live.app.extensions["scribe"].embedded.manager.wait_until_available(timeout=60)
         response = predict(live, files={"image": png_bytes(draw_digit(1))})

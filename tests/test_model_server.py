@@ -217,7 +217,8 @@ def test_bard_inputs_of_the_wrong_kind_or_out_of_range_are_refused_not_wrapped(t
             bard.predict("serving_default", {**good, **change})
         assert error.value.code == "INVALID_ARGUMENT" and says in error.value.message, error.value.message
     with pytest.raises(ServingError) as error:  # the graph's own error, with its cause
-        bard.predict("serving_default", {**good, "max_chars": np.array([-5], np.int32)})
+        bard.predict("serving_default", {**good, "temperature": np.array([0.5, 0.5], np.float32)})
+    assert error.value.code == "INVALID_ARGUMENT"  # e.g. "Input to reshape is a tensor with 10 values..."
     assert error.value.message != "Graph execution error:" and not error.value.message.endswith(":")
 
 
