@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from concurrent import futures
 
 import grpc
@@ -35,20 +34,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
 
     def Predict(self, request, context):
-        started, status = time.perf_counter(), "INTERNAL"
         try:
-            response = self._predict(request)
-            status = "OK"
-            return response
+            with self.manager.counted_predict(request.model_spec.name, "GRPC"):  # whatever fails
+                return self._predict(request)
         except ServingError as error:
-            status = error.code
             _abort(context, error)
         except Exception as error:  # never an opaque UNKNOWN: say INTERNAL and log it
             log.exception("Predict failed")
             _abort(context, ServingError("INTERNAL", f"{type(error).__name__}: {error}"))
-        finally:  # every call counted, as TF Serving does, whatever failed
-            self.manager.record_predict(request.model_spec.name, "GRPC", status,
-                                        time.perf_counter() - started)
 
     def _predict(self, request) -> predict_pb2.PredictResponse:
         try:

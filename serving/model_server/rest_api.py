@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 
 import numpy as np
 from flask import Flask, Response, jsonify, request
@@ -76,16 +75,8 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
     @app.post("/v1/models/<name>/versions/<int:version>:predict")
     @app.post("/v1/models/<name>/labels/<label>:predict")
     def predict(name, version=None, label=None):
-        started, status = time.perf_counter(), "INTERNAL"
-        try:
-            answer = _predict(name, version, label)
-            status = "OK"
-            return answer
-        except ServingError as error:
-            status = error.code
-            raise
-        finally:  # every request counted, as TF Serving does, whatever failed
-            manager.record_predict(name, "REST", status, time.perf_counter() - started)
+        with manager.counted_predict(name, "REST"):  # every request counted, whatever fails
+            return _predict(name, version, label)
 
     def _predict(name, version, label):
         try:  # whatever the Content-Type, as TF Serving (its docs post with plain curl -d)

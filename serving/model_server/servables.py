@@ -9,6 +9,7 @@ failed to load so the previous one keeps serving.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
@@ -97,10 +98,10 @@ class Servable:
             _check_input(key, np.asarray(value), feeds[key][1])
         batcher = self.batchers.get(signature)
         rows = {np.shape(v)[0] if np.ndim(v) else None for v in inputs.values()}
-        if batcher is not None and len(rows) > 1 and None not in rows:  # TF Serving's words
-            raise ServingError("INVALID_ARGUMENT", "Batching session Run() input tensors must have "
-                               f"equal 0th-dimension size: {sorted(rows)}")
-        if batcher is not None and len(rows) == 1 and None not in rows:
+        if batcher is not None and rows and None not in rows:
+            if len(rows) > 1:  # TF Serving's batching session says the same
+                raise ServingError("INVALID_ARGUMENT", "Batching session Run() input tensors must "
+                                   f"have equal 0th-dimension size: {sorted(rows)}")
             try:
                 outputs = batcher.submit(inputs)
             except QueueFull as error:
@@ -293,11 +294,22 @@ class ServableManager:
             log.error("cannot reload %s: %s", self.config_file, first_line(error))
 
     # -- lookups used by the APIs ------------------------------------------------------
-    def record_predict(self, name: str, entrypoint: str, status: str, seconds: float) -> None:
-        """Count a Predict call (entrypoint GRPC or REST) in TF Serving's metrics, labelled with
-        the model it asked for; names the config does not list count as "unknown", so that
-        made-up names cannot mint time series without bound."""
-        self.metrics.observe(name if name in self.models else "unknown", entrypoint, status, seconds)
+    @contextlib.contextmanager
+    def counted_predict(self, name: str, entrypoint: str):
+        """Count the Predict call run inside (entrypoint GRPC or REST) in TF Serving's metrics,
+        whatever it raises: OK, a ServingError's code, or INTERNAL. It is labelled with the model
+        it asked for; names the config does not list count as "unknown", so that made-up names
+        cannot mint time series without bound."""
+        started, status = time.perf_counter(), "INTERNAL"
+        try:
+            yield
+            status = "OK"
+        except ServingError as error:
+            status = error.code
+            raise
+        finally:
+            self.metrics.observe(name if name in self.models else "unknown", entrypoint, status,
+                                 time.perf_counter() - started)
 
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         entry = self.models.get(name)
