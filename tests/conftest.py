@@ -204,7 +204,8 @@ class LiveGateway:
         models = requests.get(self.url + "/v1/models", timeout=10).json()["models"]
         return next((m for m in models if m["name"] == name), {})
 
-    def wait_for_model(self, name: str = "digits", timeout: float = 60) -> None:
+    def wait_for_model(self, name: str = "digits", timeout: float = 180) -> None:
+        """Until `name` is AVAILABLE; the timeout guards against a hang (a load takes seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.model_report(name).get("available"):

@@ -23,7 +23,9 @@ def batching_server(trained, trained_bard, tmp_path_factory):
     copy_model_base(trained_bard, base)
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(base)},
                                 grpc_port=0, rest_port=0, host="127.0.0.1", batching={
-                                    "max_batch_size": 64, "batch_timeout_micros": 50_000,
+                                    # 0.2 s: the concurrent requests below must all arrive
+                                    # within it, also on a slow, busy machine
+                                    "max_batch_size": 64, "batch_timeout_micros": 200_000,
                                     "num_batch_threads": 1})
     assert server.manager.wait_until_available(timeout=120)
     yield server
@@ -54,6 +56,13 @@ def all_at_once(call, arguments: list) -> list:
     for thread in threads:
         thread.join()
     return results
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def test_concurrent_requests_share_model_runs_and_get_their_own_rows(batching_server):
@@ -166,9 +175,9 @@ def test_a_full_queue_refuses_at_once_and_admitted_requests_finish():
     answers = []
     admitted = [threading.Thread(target=lambda i=i: answers.append(
         batcher.submit({"x": np.array([i])})["double"][0])) for i in range(3)]
-    for thread in admitted:
+    for i, thread in enumerate(admitted):
         thread.start()
-        time.sleep(0.1)  # one running, two waiting: the queue is full
+        wait_until(lambda i=i: batcher._runs == 1 and batcher._waiting_rows == i)  # one runs, i wait
     started = time.monotonic()
     with pytest.raises(QueueFull):
         batcher.submit({"x": np.array([9])})
@@ -234,7 +243,7 @@ def test_requests_run_on_their_callers_threads_and_only_share_with_their_own_key
     assert running.wait(10)
     for thread in threads[1:]:
         thread.start()
-    time.sleep(0.3)
+    wait_until(lambda: batcher._waiting_rows == 4)  # [1], [2], [3] and [[4, 4]] wait, a row each
     assert {t.name for t in threading.enumerate()} - names_before <= {t.name for t in threads}
     release.set()
     for thread in threads:

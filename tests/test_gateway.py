@@ -238,13 +238,15 @@ def test_model_server_timeout_is_504(gateway, tmp_path):
 
     # The embedded server waits 0.3 s for company before each model run, so a 50 ms deadline
     # expires every time. A deadline alone did not: gRPC keeps time in milliseconds, and on a
-    # fast machine a digit call answered within even a 1 µs deadline.
+    # fast machine a digit call answered within even a 1 µs deadline. Each warmup run waits the
+    # 0.3 s too: one run per record (5 records: 1.5 s) instead of the default 30 (45 s of waiting).
     slow = tmp_path / "batching.config"
     slow.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 300000 }\n")
     live = LiveGateway(Path(gateway.settings.model_dir), model_timeout_seconds=0.05,
-                       batching_config=str(slow))
+                       batching_config=str(slow), warmup_iterations=1)
     try:
-        assert live.app.extensions["scribe"].embedded.manager.wait_until_available(timeout=60)
+        # A guard against a hang, not a speed limit: loading takes seconds.
+        assert live.app.extensions["scribe"].embedded.manager.wait_until_available(timeout=300)
         response = predict(live, files={"image": png_bytes(draw_digit(1))})
         assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
         text = requests.post(live.url + "/v1/text/generate", json={"prompt": "A", "max_chars": 2000},

@@ -32,14 +32,17 @@ def model_server(trained):
          f"--base_path_map=/models={trained.model_base}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rest = f"http://127.0.0.1:{rest_port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # a guard against a hang: it loads in seconds
+    while True:
         try:
             if requests.get(rest + "/v1/models/digits", timeout=2).status_code == 200:
                 break
         except requests.ConnectionError:
             pass
         assert process.poll() is None, process.stdout.read()
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the model server never served digits\n" + process.stdout.read())
         time.sleep(0.2)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield rest, channel

@@ -404,7 +404,8 @@ def test_kept_alive_connections_are_shared_evenly_between_workers(two_workers):
         try:
             counts = connections_per_worker(two_workers)
             assert sum(counts.values()) == 16, counts
-            assert max(counts.values()) - min(counts.values()) <= 2, counts
+            # 9/7 or closer here; 10/6 allowed for a slower, busier machine (the race gave 15/1).
+            assert max(counts.values()) - min(counts.values()) <= 4, counts
         finally:
             for connection in connections:
                 connection.close()
@@ -415,6 +416,13 @@ def test_a_stalled_worker_does_not_hold_up_new_clients(two_workers):
     """A worker leaves a new connection to one with fewer only for a moment: with the other
     worker frozen (SIGSTOP), every new client is still answered at once, one at a time or in a
     burst (once a wait has run out, the waiting connections are all taken, not one per wait)."""
+    wait_until_closed(two_workers)
+    # The same burst with both workers running: the bound below is relative to it, so that a
+    # slower machine does not fail the test. One 50 ms wait per connection would add 1.2 s.
+    started = time.monotonic()
+    for connection in open_kept_alive(two_workers, 24):
+        connection.close()
+    usual_burst = time.monotonic() - started
     wait_until_closed(two_workers)
     frozen, working = two_workers.worker_pids()
     os.kill(frozen, signal.SIGSTOP)
@@ -427,7 +435,8 @@ def test_a_stalled_worker_does_not_hold_up_new_clients(two_workers):
         started = time.monotonic()
         connections += open_kept_alive(two_workers, 24)
         burst = time.monotonic() - started
-        assert burst < 0.8, f"24 clients at once took {burst:.2f} s: one wait per connection"
+        assert burst < usual_burst + 0.6, \
+            f"24 clients at once took {burst:.2f} s ({usual_burst:.2f} s unfrozen): one wait per connection"
         assert connections_per_worker(two_workers)[working] == 30
     finally:
         os.kill(frozen, signal.SIGCONT)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import DIGITS_CONFIG, ROOT
 from reliability import record
 
@@ -175,6 +176,7 @@ def kill_job(trainer: subprocess.Popen) -> bool:
     return running
 
 
+@pytest.mark.timeout(1800)  # 7 to 9 trainer runs: about 2 minutes here, more on a slower machine
 def test_trainer_killed_during_export_verify_and_push_never_shows_a_partial_version(tmp_path):
     from serving.model_server import read_model_config
     from serving.model_server.servables import END, ServableManager
