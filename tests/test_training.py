@@ -270,3 +270,49 @@ def test_unknown_data_path_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "no such file" in result.stderr
     assert not (tmp_path / "m" / "digits").exists()
+
+
+def test_the_blessing_threshold_follows_the_data(tmp_path):
+    """Full MNIST's official 10,000 test digits and the 1,000 held out of the 5,000 shipped ones
+    cannot share one number: the same profile blesses at 95% on the one, 90% on the other. A
+    folder of IDX files counts as full MNIST. Trained without augmentation, which metrics.json
+    records."""
+    from test_mnist_data import small_mnist
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for name, data in small_mnist().items():  # random images: nothing to learn
+        (folder / name).write_bytes(data)
+    for data, threshold in ((str(folder), "0.9500"), ("mnist-5k", "0.9000")):
+        runs = tmp_path / f"runs-{threshold}"
+        result = run_training("digits", "--profile", "quick", "--steps", "2", "--no-augment", "--data", data,
+                              "--model-base", str(tmp_path / "models"), "--runs-dir", str(runs))
+        assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"is below the threshold {threshold}" in result.stdout
+        metrics = json.loads(next(runs.glob("digits/*/metrics.json")).read_text())
+        assert metrics["settings"]["augmented"] is False
+    assert not (tmp_path / "models" / "digits").exists()
+
+
+@pytest.mark.parametrize("profile", ["cpu", "best"])
+def test_the_cosine_profiles_warm_up_then_anneal_to_their_floor(profile):
+    """The cpu and best profiles' schedule: a linear warmup to lr_max, then half a cosine down
+    to LR_MIN_COSINE at the last step, where the talk's decay would still be high."""
+    settings = digits.PROFILES[profile]
+    rate = digits.learning_rate(settings)
+    top, warmup, steps = settings["lr_max"], settings["warmup_steps"], settings["steps"]
+    assert float(rate(0)) == pytest.approx(top / warmup, rel=1e-4)
+    assert float(rate(warmup)) == pytest.approx(top, rel=1e-4)
+    halfway = warmup + (steps - warmup) // 2
+    assert float(rate(halfway)) == pytest.approx((top + digits.LR_MIN_COSINE) / 2, rel=1e-3)
+    assert float(rate(steps)) == pytest.approx(digits.LR_MIN_COSINE, rel=1e-3)
+
+
+def test_the_gpu_profile_is_the_talk_s_recipe():
+    """Batch 100, 10,000 steps, lr = 0.0001 + 0.02 * exp(-step / 1600)."""
+    settings = digits.PROFILES["gpu"]
+    assert (settings["batch"], settings["steps"]) == (100, 10_000)
+    rate = digits.learning_rate(settings)
+    for step in (0, 1600, 10_000):
+        assert float(rate(step)) == pytest.approx(0.0001 + 0.02 * np.exp(-step / 1600), rel=1e-5)
+    assert digits.DROPOUT == 0.25

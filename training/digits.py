@@ -2,8 +2,16 @@
 
 conv 6x6/1 -> 24, conv 5x5/2 -> 48, conv 4x4/2 -> 64, dense 200, softmax 10; batch norm
 before every ReLU (offset, no scale, so the convolutions have no bias); dropout 0.25 on the
-dense layer; Adam with lr = 0.0001 + 0.02 * exp(-step / 1600). Augmented with shifts,
-rotations, scale and stroke thickness so that drawn digits look like training data.
+dense layer; Adam. Augmented with shifts, rotations, scale and stroke thickness so that drawn
+digits look like training data (--no-augment trains on MNIST as it is, as the talk did).
+
+Profiles (every figure on the official 10,000 MNIST test digits is in docs/benchmarks.md):
+  gpu:   the talk's recipe: batch 100, 10,000 steps, lr = 0.0001 + 0.02 * exp(-step / 1600).
+  cpu:   3,000 steps with a schedule made for the short run (a 100-step warmup to 0.01, then
+         half a cosine down to 0.00005): the talk's curve is still high on its learning rate
+         at step 3,000, this one ends annealed. What `make run` trains.
+  best:  the cpu schedule stretched over 15,000 steps: beyond the talk's 99.58%.
+  quick: 200 steps, for the tests.
 """
 
 from __future__ import annotations
@@ -18,12 +26,22 @@ from training.mnist_data import load_digits
 
 NAME = "digits"
 PROFILES = {
-    # steps of `batch` images; the learning rate decays from lr_max to lr_min over decay_steps.
-    "quick": dict(steps=200, batch=100, decay_steps=60, eval_every=100, min_accuracy=0.90),
-    "cpu": dict(steps=1200, batch=100, decay_steps=400, eval_every=200, min_accuracy=0.97),
-    "gpu": dict(steps=10_000, batch=100, decay_steps=1600, eval_every=500, min_accuracy=0.99),
+    # steps of `batch` images. schedule "talk": lr = LR_MIN + lr_max * exp(-step / decay_steps);
+    # "cosine": warmup_steps rising linearly to lr_max, then half a cosine down to LR_MIN_COSINE.
+    # min_accuracy: the blessing's value threshold on the test split, by data (full MNIST's
+    # official 10,000 digits, or the 1,000 held out of the 5,000 shipped ones): a floor that
+    # stops a broken run, below what the profile reaches.
+    "quick": dict(steps=200, batch=100, schedule="talk", lr_max=0.02, decay_steps=60, eval_every=100,
+                  min_accuracy={"mnist": 0.95, "mnist-5k": 0.90}),
+    "cpu": dict(steps=3000, batch=100, schedule="cosine", lr_max=0.01, warmup_steps=100, eval_every=500,
+                min_accuracy={"mnist": 0.99, "mnist-5k": 0.97}),
+    "gpu": dict(steps=10_000, batch=100, schedule="talk", lr_max=0.02, decay_steps=1600, eval_every=500,
+                min_accuracy={"mnist": 0.99, "mnist-5k": 0.98}),
+    "best": dict(steps=15_000, batch=100, schedule="cosine", lr_max=0.01, warmup_steps=100,
+                 eval_every=1000, min_accuracy={"mnist": 0.995, "mnist-5k": 0.98}),
 }
-LR_MAX, LR_MIN = 0.02, 0.0001
+LR_MIN = 0.0001  # the talk's floor
+LR_MIN_COSINE = 0.00005
 DROPOUT = 0.25
 MAX_REGRESSION = 0.001  # a new version may be at most 0.1 point worse than the pushed one
 SEED = 42
@@ -52,18 +70,30 @@ def build_model():
     return keras.Model(image, probabilities, name="goerner_batchnorm_cnn")
 
 
-def learning_rate(decay_steps: int):
+def learning_rate(settings: dict):
+    """The profile's learning rate schedule (see PROFILES)."""
     import keras
     import tensorflow as tf
 
-    class GoernerDecay(keras.optimizers.schedules.LearningRateSchedule):
+    class TalkDecay(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
-            return LR_MIN + LR_MAX * tf.exp(-tf.cast(step, tf.float32) / decay_steps)
+            return LR_MIN + settings["lr_max"] * tf.exp(-tf.cast(step, tf.float32) / settings["decay_steps"])
 
         def get_config(self):
-            return {"decay_steps": decay_steps}
+            return {"lr_max": settings["lr_max"], "decay_steps": settings["decay_steps"]}
 
-    return GoernerDecay()
+    class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            warmup, total, top = settings["warmup_steps"], settings["steps"], settings["lr_max"]
+            progress = tf.clip_by_value((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+            cosine = LR_MIN_COSINE + (top - LR_MIN_COSINE) * 0.5 * (1.0 + tf.cos(np.pi * progress))
+            return tf.where(step < warmup, top * (step + 1) / max(warmup, 1), cosine)
+
+        def get_config(self):
+            return {key: settings[key] for key in ("lr_max", "warmup_steps", "steps")}
+
+    return {"talk": TalkDecay, "cosine": WarmupCosine}[settings["schedule"]]()
 
 
 def augment(images, seed: int):
@@ -230,32 +260,34 @@ def plot_curves(history: dict, steps_per_point: int, path: Path) -> None:
 
 
 def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | None = None,
-        min_accuracy: float | None = None) -> int:
+        min_accuracy: float | None = None, augmented: bool = True) -> int:
     """Train, export, verify, evaluate, bless, push. Returns the process exit status."""
     import keras
     import tensorflow as tf
 
     from training.clock import TestAccuracyCurve, TrainingClock
 
-    settings = dict(PROFILES[profile])
+    settings = dict(PROFILES[profile], augmented=augmented)
     if steps is not None:
         settings["steps"], settings["eval_every"] = pipeline.whole_intervals(
             NAME, steps, settings["eval_every"])
-    threshold = settings["min_accuracy"] if min_accuracy is None else min_accuracy
+        settings["warmup_steps"] = min(settings.get("warmup_steps", 0), settings["steps"] // 10)
     splits = load_digits(data)
+    threshold = settings["min_accuracy"][splits.kind] if min_accuracy is None else min_accuracy
     run_dir = pipeline.make_run_dir(runs_dir, NAME)
     keras.utils.set_random_seed(SEED)
     # Same data, profile and seed: the same weights. Without this, the order in which CPU threads
     # add up gradients varies from run to run, and so do the trained versions.
     tf.config.experimental.enable_op_determinism()
 
-    print(f"{NAME}: profile {profile}, {splits.describe()}, run folder {run_dir}", flush=True)
+    print(f"{NAME}: profile {profile}{'' if augmented else ' without augmentation'}, "
+          f"{splits.describe()}, run folder {run_dir}", flush=True)
     train = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
              .shuffle(len(splits.x_train), seed=SEED).repeat().batch(settings["batch"]))
-    train = augment(train, SEED).prefetch(tf.data.AUTOTUNE)
+    train = (augment(train, SEED) if augmented else train).prefetch(tf.data.AUTOTUNE)
 
     model = build_model()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings["decay_steps"])),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock, curve = TrainingClock(), TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = model.fit(
