@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
 # Strokes per digit in a 100x100 box; each stroke is a polyline of (x, y) points.
 
@@ -30,10 +31,11 @@ STROKES = {
 
 
 def draw_digit(digit: int, size: int = 280, width: int | None = None, ink=(0, 0, 0),
-               background=(255, 255, 255), mode: str = "RGB", box=None) -> Image.Image:
-    """Render `digit` with strokes into an image; `box` = (left, top, side) on the canvas."""
+               background=(255, 255, 255), mode: str = "RGB", box=None, canvas=None) -> Image.Image:
+    """Render `digit` with strokes into a `size` square (or a `canvas` = (width, height)) image;
+    `box` = (left, top, side) on the canvas."""
     left, top, side = box or (size * 0.2, size * 0.15, size * 0.7)
-    image = Image.new(mode, (size, size), background)
+    image = Image.new(mode, canvas or (size, size), background)
     pen = ImageDraw.Draw(image)
     width = width or max(1, round(side * 0.09))
     for stroke in STROKES[digit]:
@@ -60,3 +62,70 @@ def padded_png(digit: int, size: int) -> bytes:
 def chunked(body: bytes, size: int = 65536):
     """`body` as a generator, which requests sends with Transfer-Encoding: chunked."""
     yield from (body[i:i + size] for i in range(0, len(body), size))
+
+
+PAPERS = ("plain", "ruled", "squared")
+INKS = {"pencil": (0.42, 0.42, 0.45), "blue": (0.12, 0.2, 0.62), "black": (0.1, 0.1, 0.12)}
+LIGHTS = ("gradient", "vignette", "lamp")
+
+
+def photo_of_digit(digit: int, paper: str = "ruled", ink: str = "blue", light: str = "lamp",
+                   size: tuple[int, int] = (800, 600), seed: int = 0, quality: int = 60) -> bytes:
+    """A JPEG as a phone takes it of `digit` written on paper under a lamp: the same strokes as
+    clean_strokes(digit, ...) draws, on off-white paper (ruled or squared with thin blue-grey
+    lines, or plain), in grey pencil (grainy) or ink, lit unevenly ("gradient": light falling off
+    across the sheet to half; "vignette": dark corners; "lamp": both, and a warm cast), slightly
+    out of focus, with sensor noise, saved at JPEG quality `quality`."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    reflectance = np.ones((height, width, 3), np.float32) * np.array([0.93, 0.92, 0.88], np.float32)
+    reflectance *= 1 + rng.normal(0, 0.012, (height, width, 1)).astype(np.float32)  # paper grain
+    line = np.array([0.62, 0.72, 0.86], np.float32)  # light blue-grey print
+    spacing = round(height / 14)
+    if paper in ("ruled", "squared"):
+        for y in range(int(rng.integers(0, spacing)), height, spacing):
+            reflectance[y:y + 2] = line
+    if paper == "squared":
+        for x in range(int(rng.integers(0, spacing)), width, spacing):
+            reflectance[:, x:x + 2] = line
+    strokes = stroke_mask(digit, size, seed)
+    if ink == "pencil":  # graphite leaves grainy, uneven grey
+        strokes *= np.clip(rng.normal(0.85, 0.2, strokes.shape), 0.3, 1).astype(np.float32)
+    strokes = strokes[..., None]
+    reflectance = reflectance * (1 - strokes) + np.array(INKS[ink], np.float32) * strokes
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    along = (np.cos(angle) * (xs / width - 0.5) + np.sin(angle) * (ys / height - 0.5)) / 1.2 + 0.5
+    gradient = 1.0 - 0.5 * np.clip(along, 0, 1)  # from full light down to half across the sheet
+    radius = np.hypot(xs / width - 0.5, ys / height - 0.5) / math.hypot(0.5, 0.5)
+    vignette = 1.0 - 0.45 * radius ** 2
+    illumination = {"gradient": gradient, "vignette": vignette, "lamp": gradient * vignette}[light]
+    cast = np.array([1.0, 0.95, 0.82] if light == "lamp" else [1.0, 1.0, 1.0], np.float32)
+    photo = reflectance * illumination[..., None] * cast
+    photo += rng.normal(0, 0.015, photo.shape).astype(np.float32)  # sensor noise
+    image = Image.fromarray((np.clip(photo, 0, 1) * 255).astype(np.uint8), "RGB")
+    image = image.filter(ImageFilter.GaussianBlur(1.0))  # not quite in focus
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def stroke_mask(digit: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Float [height, width] coverage of `digit`'s strokes written with a pen: a third of the
+    sheet's height, somewhere off centre, strokes 2.5% of the digit's height wide, antialiased."""
+    rng = np.random.default_rng(seed + 1)
+    width, height = size
+    side = height * rng.uniform(0.3, 0.4)
+    left = rng.uniform(0.15 * width, width - side - 0.15 * width)
+    top = rng.uniform(0.1 * height, height - side - 0.1 * height)
+    scale = 2  # drawn at twice the size, then reduced: antialiased edges
+    mask = draw_digit(digit, size=1, width=max(1, round(side * 0.025 * scale)), ink=255, background=0,
+                      mode="L", box=(left * scale, top * scale, side * scale),
+                      canvas=(width * scale, height * scale))
+    return np.asarray(mask.resize(size, Image.Resampling.BOX), np.float32) / 255.0
+
+
+def clean_strokes(digit: int, seed: int = 0, size: tuple[int, int] = (800, 600)) -> bytes:
+    """The strokes of photo_of_digit(digit, seed=seed), drawn black on white as a canvas PNG."""
+    mask = stroke_mask(digit, size, seed)
+    return png_bytes(Image.fromarray(((1 - mask) * 255).astype(np.uint8), "L"))
