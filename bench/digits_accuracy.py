@@ -140,10 +140,10 @@ def write_docs(text: str) -> None:
         before, rest = doc.split(START, 1)
         after = rest.split(END, 1)[1]
         doc = before + START + "\n" + text + "\n" + END + after
-    else:  # first run: the section opens the page, after its title
-        title, _, body = doc.partition("\n")
-        doc = (f"{title}\n\n## Digits accuracy on full MNIST, every profile\n\n{START}\n{text}\n"
-               f"{END}\n{body}")
+    else:  # first run: the section comes first, after the page's introduction
+        intro, _, sections = doc.partition("\n## ")
+        doc = (f"{intro}\n## Digits accuracy on full MNIST, every profile\n\n{START}\n{text}\n"
+               f"{END}\n\n## {sections}")
     DOCS.write_text(doc)
 
 
