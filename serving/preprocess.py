@@ -28,7 +28,7 @@ STANDS_OUT = 0.15  # a pixel this much darker (or lighter) than the paper around
 EVEN_LIGHT = 0.05  # paper whose edges all lie this close to one colour (but for 5%) is a canvas
 PAPER_SPREAD = 0.06  # paper grain and noise: how far below the fitted light paper still lies
 LINE_SPAN = 0.75  # a straight run of ink across this much of the image is a ruled line...
-LINE_INK = 0.02  # (any ink above the noise: printed lines are faint)
+LINE_INK = 0.02  # (any ink above the noise, or fainter than a stroke: printed lines are faint)
 LINE_THICK = 4  # ...if it is thinner than this many pixels (at the working size)
 LINE_UNDER_STROKE = 1.6  # ink this many times a line's is a stroke crossing the line
 PIECE_SHARE = 0.08  # a piece of ink with less than this share of the biggest piece's is a speck
@@ -151,7 +151,7 @@ def preprocess_drawing(image: Image.Image) -> np.ndarray:
     if not strongest > 0:
         raise NoInk("the image contains no drawing (no ink found)")
     strokes = ink > FAINT_INK * strongest
-    strokes &= ~ruled_lines(ink)
+    strokes &= ~ruled_lines(ink, min(LINE_INK, FAINT_INK * strongest))
     digit = digit_strokes(strokes, ink, ink > INK_THRESHOLD * strongest)
     rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -243,13 +243,14 @@ def cubic_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
                      y * y * y], axis=1)
 
 
-def ruled_lines(ink: np.ndarray) -> np.ndarray:
+def ruled_lines(ink: np.ndarray, faintest: float) -> np.ndarray:
     """The pixels of thin straight lines across the image (ruled or squared paper), where no
-    stroke crosses them: runs of any ink over LINE_SPAN of the width (or height), gaps of a
-    few pixels bridged, at most LINE_THICK pixels thick. Where a stroke lies on a line, the ink
-    is darker than the line's own: those pixels stay the stroke's."""
+    stroke crosses them: runs of ink above `faintest` over LINE_SPAN of the width (or height), gaps of a
+    few pixels bridged, at most LINE_THICK pixels thick, at least two of them (a sheet's
+    lines come in numbers; one alone is a stroke). Where a stroke lies on a line, the ink is
+    darker than the line's own: those pixels stay the stroke's."""
     height, width = ink.shape
-    faint = ink > LINE_INK
+    faint = ink > faintest
     lines = np.zeros(ink.shape, bool)
     least = LINE_SPAN * 0.8  # a line may have gaps; most drawings have no row with this much ink
     if not (np.count_nonzero(faint, axis=1).max() >= least * width
@@ -269,6 +270,9 @@ def ruled_lines(ink: np.ndarray) -> np.ndarray:
                                       cv2.getStructuringElement(cv2.MORPH_RECT, thick),
                                       borderType=cv2.BORDER_CONSTANT, borderValue=0)
         found = (long_runs & ~thick_runs & mask).view(bool)
+        across = found.any(axis=axis)  # the rows (columns) that hold a line
+        if np.count_nonzero(across[1:] & ~across[:-1]) + int(across[0]) < 2:
+            continue  # one long thin stroke alone is a digit's (a 1 written the photo's height)
         # Each line's own ink, row by row (column by column): the light may differ along the sheet.
         level = marked_median(ink, found, axis)
         lines |= found & (ink < LINE_UNDER_STROKE * level)
@@ -295,6 +299,8 @@ def digit_strokes(strokes: np.ndarray, ink: np.ndarray, strong: np.ndarray) -> n
         return strokes
     mass = np.bincount(labels[strokes], weights=ink[strokes], minlength=count)
     mass[np.bincount(labels[strong], minlength=count) == 0] = 0  # no strong ink: not a stroke
+    if not mass.max() > 0:
+        raise NoInk("the image contains no drawing (no ink found)")
     keep = mass >= PIECE_SHARE * mass.max()
     keep[0] = False
     digit = keep[labels]

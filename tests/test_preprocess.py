@@ -187,3 +187,25 @@ def test_a_digit_written_in_two_strokes_keeps_both():
     out = mnist_form(four)
     rows = np.flatnonzero(out.max(axis=1) > 0.3)
     assert rows[-1] - rows[0] >= 18  # the upright's foot is inside the digit's 20-pixel box
+
+
+def test_a_one_written_the_height_of_a_photo_is_a_stroke_not_a_ruled_line():
+    """A close-up photo of a 1: one long, thin, straight stroke under a lamp. A sheet's lines come
+    in numbers, so one alone is the digit, and it comes out as a tall upright stroke."""
+    light = np.linspace(1.0, 0.6, 800, dtype=np.float32)[None, :]
+    photo = np.full((600, 800), 225, np.float32) * light
+    photo[30:570, 398:404] = 40  # 90% of the height, 1% of it wide
+    data = png_bytes(Image.fromarray(photo.astype(np.uint8)), format="JPEG", quality=60)
+    out = preprocess_drawing(decode_image(data, LIMIT))
+    rows, cols = np.nonzero(out > 0.3)
+    assert rows.max() - rows.min() >= 18 and cols.max() - cols.min() <= 6
+
+
+def test_a_photo_of_ruled_paper_with_nothing_written_has_no_ink():
+    """Lines are not a digit: a blank sheet is a 422 (no ink), never a server error."""
+    sheet = Image.new("RGB", (800, 600), (235, 232, 222))
+    pen = ImageDraw.Draw(sheet)
+    for y in range(20, 600, 43):
+        pen.line([(0, y), (800, y)], fill=(150, 170, 200), width=2)
+    with pytest.raises(NoInk):
+        mnist_form(sheet)
