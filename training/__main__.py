@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     digits.add_argument("--no-augment", dest="augment", action="store_false",
                         help="train on the digits as they are (the talk did), without shifts, "
                         "rotations, zoom and stroke changes")
+    digits.add_argument("--seed", type=int, default=42,
+                        help="random seed of the weights, the order of the digits and the augmentation "
+                        "(default 42; the same seed, data and profile train the same weights)")
     digits.add_argument("--steps", type=positive, help="override the profile's training steps "
                         "(rounded up to whole evaluation intervals)")
     digits.add_argument("--min-accuracy", type=float,
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "digits":
         return reported("digits", lambda: digits_job.run(
             args.profile, args.data, args.model_base, args.runs_dir, steps=args.steps,
-            min_accuracy=args.min_accuracy, augmented=args.augment))
+            min_accuracy=args.min_accuracy, augmented=args.augment, seed=args.seed))
     if args.command == "bard":
         return reported("bard", lambda: bard_job.run(
             args.profile, args.corpus, args.model_base, args.runs_dir, steps=args.steps,
