@@ -285,8 +285,9 @@ def test_the_blessing_threshold_follows_the_data(tmp_path):
         (folder / name).write_bytes(data)
     for data, threshold in ((str(folder), "0.9500"), ("mnist-5k", "0.9000")):
         runs = tmp_path / f"runs-{threshold}"
-        result = run_training("digits", "--profile", "quick", "--steps", "2", "--no-augment", "--data", data,
-                              "--seed", "7", "--model-base", str(tmp_path / "models"), "--runs-dir", str(runs))
+        result = run_training("digits", "--profile", "quick", "--steps", "2", "--no-augment", "--seed", "7",
+                              "--data", data, "--model-base", str(tmp_path / "models"),
+                              "--runs-dir", str(runs))
         assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
         assert f"is below the threshold {threshold}" in result.stdout
         metrics = json.loads(next(runs.glob("digits/*/metrics.json")).read_text())
