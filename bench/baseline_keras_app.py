@@ -11,7 +11,7 @@ import os
 import numpy as np
 from flask import Flask, jsonify, request
 
-from serving.preprocess import decode_image, preprocess_drawing
+from serving.gateway.preprocess import decode_image, preprocess_drawing
 
 
 def create_app() -> Flask:

@@ -1,4 +1,4 @@
-"""The floor: the same server stack as the gateway (serving/__main__.py: gunicorn's threaded
+"""The floor: the same server stack as the gateway (serving/gateway/server.py: gunicorn's threaded
 workers with the gateway's worker class, settings and access log; Flask) decoding and
 preprocessing the same image, answering without calling any model. How close the gateway gets to
 what HTTP plus image decoding alone allow on this machine.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from flask import Flask, jsonify, request
 
-from serving.config import Settings
-from serving.preprocess import decode_image, preprocess_drawing
+from serving.gateway.config import Settings
+from serving.gateway.preprocess import decode_image, preprocess_drawing
 
 
 def create_app(settings: Settings) -> Flask:
@@ -27,6 +27,10 @@ def create_app(settings: Settings) -> Flask:
 
 
 if __name__ == "__main__":
-    from serving.__main__ import GatewayServer
+    from serving.gateway.server import GatewayServer, WorkerHooks
 
-    GatewayServer(Settings.from_env(), create_app).run()
+    class Floor(WorkerHooks):
+        def load(self, settings: Settings) -> Flask:
+            return create_app(settings)
+
+    GatewayServer(Settings.from_env(), Floor()).run()

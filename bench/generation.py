@@ -40,12 +40,12 @@ def main() -> int:
         print(f"no bard version under {args.model_base}: run `make train` first", file=sys.stderr)
         return 1
 
-    from serving.config import Settings
-    from serving.model_client import ModelClient
+    from serving.gateway.config import Settings
+    from serving.gateway.model_client import ModelClient
     from serving.model_server import start_model_server
-    from serving.model_server.servables import load_session, read_signature_defs
+    from serving.tfserving.session import load_session, read_signature_defs
+    from serving.tfserving.versions import latest_version
     from training.bard import generation_inputs
-    from training.push import latest_version
 
     # The embedded model server with the gateway's thread settings, dynamic batching off.
     server = start_model_server(ROOT / "serving" / "models.config", {"/models": str(args.model_base)},

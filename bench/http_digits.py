@@ -44,11 +44,11 @@ from pathlib import Path
 import grpc
 import requests
 
-from serving.model_client import ModelClient
-from serving.model_server import WARMUP_FILE
+from serving.gateway.model_client import ModelClient
+from serving.gateway.preprocess import sample_drawing
 from serving.model_server.__main__ import compose_command_line
-from serving.preprocess import sample_drawing
-from training.push import latest_version, push_version
+from serving.tfserving.versions import WARMUP_FILE, latest_version
+from training.push import push_version
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -421,7 +421,7 @@ def main() -> int:
     # Cold start: process start to /readyz 200 (every configured model AVAILABLE), then the first
     # requests against the next ones; then the same once a new version of each model has been
     # pushed while serving, with its warmup records and without them, to show what those are
-    # worth: at a cold start each worker's own warm-up requests (serving/app.py) reach the
+    # worth: at a cold start each worker's own warm-up requests (serving/gateway/app.py) reach the
     # model first, but a version loaded while serving meets the first user's request directly.
     # A failure here is reported, and the figures above are still written.
     failed = False

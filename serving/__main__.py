@@ -1,329 +1,104 @@
-"""python -m serving: run the gateway under gunicorn (threaded workers), configured from the
-environment (see serving/config.py and the README's configuration table)."""
+"""python -m serving: the gateway under gunicorn, configured from the environment
+(serving/gateway/config.py). With SCRIBE_MODEL_SERVER set, the gateway calls that model server
+(TF Serving, as in docker-compose.yml). Without it, each gateway worker starts the embedded
+model server in its own process, on a private Unix socket, before it loads the gateway: gRPC
+over a Unix socket within the process costs less CPU per call than over TCP to another process.
+
+The one module that knows both programs: the gateway is only ever handed an address.
+"""
 
 from __future__ import annotations
 
-import json
+import atexit
+import dataclasses
+import importlib.util
 import logging
-import mmap
-import select
+import os
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from gunicorn import util as gunicorn_util
-from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+from serving.gateway.config import Settings
+from serving.gateway.server import GatewayServer, WorkerHooks
 
-from serving.config import EMBEDDED_NEEDS_TENSORFLOW, Settings, socket_folder_prefix, tensorflow_installed
-
-
-class ConnectionBalance:
-    """Open connections per gunicorn worker, in memory that the arbiter and its workers share.
-
-    Workers take new connections from one shared listening socket, and whichever wakes first
-    takes it. A client that keeps its connection (a load generator, a reverse proxy's keep-alive
-    pool) stays on the worker that accepted it, and those races pile connections onto one worker:
-    16 opened at once split 5/11, 7/9, 15/1, 7/9, 14/2 and 11/5 in six tries here. A worker's
-    requests share its one Python interpreter lock, so the crowded worker holds the gateway back
-    while the other idles: in the median of those six, 12% fewer requests per second at 16
-    clients than with an even split, 30% fewer at 15/1, and up to 1.8 times the p99 latency
-    (docs/benchmarks.md). So a worker that holds more connections than another one that is
-    taking connections lets that one accept (least connections, as load balancers do). It looks
-    again every RECHECK_SECONDS. If a connection is still waiting after MAX_DEFER_SECONDS, the
-    other worker is stalled or dying: this one then accepts every waiting connection at once, so
-    a new client waits at most about MAX_DEFER_SECONDS."""
-
-    RECHECK_SECONDS = 0.002
-    MAX_DEFER_SECONDS = 0.05
-    NOT_ACCEPTING = -1  # a free slot, a worker still booting, full, or stopping
-
-    def __init__(self, slots: int):
-        self.memory = mmap.mmap(-1, 8 * slots)  # anonymous and shared: inherited by every fork
-        self.counts = memoryview(self.memory).cast("q")
-        for slot in range(slots):
-            self.counts[slot] = self.NOT_ACCEPTING
-
-    def assign(self, arbiter, worker) -> None:
-        """gunicorn's pre_fork hook, in the arbiter: give the new worker a free slot (none when
-        every slot is taken, as while a reload starts new workers: it then accepts freely)."""
-        taken = {getattr(w, "balance_slot", None) for w in arbiter.WORKERS.values()}
-        worker.balance_slot = next((s for s in range(len(self.counts)) if s not in taken), None)
-        if worker.balance_slot is not None:
-            self.counts[worker.balance_slot] = self.NOT_ACCEPTING
-
-    def release(self, worker) -> None:
-        if getattr(worker, "balance_slot", None) is not None:
-            self.counts[worker.balance_slot] = self.NOT_ACCEPTING
-
-    def fewer_elsewhere(self, slot: int | None, connections: int) -> bool:
-        """Whether another worker that is taking connections holds fewer than `connections`."""
-        return slot is not None and any(
-            0 <= count < connections for other, count in enumerate(self.counts) if other != slot)
-
-
+EMBEDDED_NEEDS_TENSORFLOW = (
+    "SCRIBE_MODEL_SERVER is not set, so the gateway would start the embedded model server, which "
+    "needs TensorFlow: install scribe[tensorflow] (make install does), or set SCRIBE_MODEL_SERVER to "
+    "a TF Serving gRPC host:port")
 FIRST_LOAD_WAIT_SECONDS = 300  # the longest a worker waits for its embedded models to load
 
 
-class ClientTimeoutWorker(ThreadWorker):
-    """gunicorn's gthread worker with a bound on how long a client may stall.
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow and TF Serving's API package, which the embedded model server runs on,
+    can be imported (checked without importing them)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("tensorflow", "tensorflow_serving"))
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
-    gthread hands a connection to a thread once its first bytes arrive (one that sends nothing
-    goes back to the poller after 5 s), then reads the request and writes the response on a
-    blocking socket with no timeout: it calls setblocking(True), which clears any Python socket
-    timeout, before every request. A client that sends part of a request and then nothing, or
-    stops reading a stream, would hold the thread for good. SO_RCVTIMEO and SO_SNDTIMEO survive
-    those calls: each recv or send that makes no progress for SCRIBE_CLIENT_TIMEOUT_SECONDS
-    fails, the thread closes the connection, and a stream's generator is closed with it."""
 
-    balance_slot: int | None = None  # set by ConnectionBalance.assign in the arbiter
-    resume_accept_at: float | None = None  # while it leaves a new connection to another worker
-    deferring_since: float | None = None  # since when a waiting connection has been left
-    draining = False  # a wait ran out: accept every waiting connection without looking
-    listeners_poll = None
+def socket_folder_prefix(pid: int) -> str:
+    """How the private folder under TMPDIR that holds a process's embedded model server socket is
+    named: after the process, so that gunicorn's arbiter can remove it once the worker has gone."""
+    return f"scribe-{pid}-"
 
-    def init_process(self):
-        self.client_timeout = self.app.settings.client_timeout_seconds
-        self.balance = self.app.balance
-        gunicorn_util.write_error = write_json_error  # what gunicorn itself refuses: JSON too
-        self.log.error_log.addFilter(StalledClientLog(self.client_timeout))
-        self.log.error_log.addFilter(unlogged_header_text)
-        super().init_process()
 
-    def load_wsgi(self):
-        super().load_wsgi()
-        gateway = getattr(self.wsgi, "extensions", {}).get("scribe")
-        if gateway is None:  # not the gateway (bench/floor_app.py)
-            return
-        if gateway.embedded is not None:
-            self.wait_for_embedded_models(gateway.embedded)
-        if self.alive:  # not told to stop meanwhile
-            self.warm_up()
+def start_embedded_model_server(settings: Settings):
+    """The embedded model server in this process, configured from `settings`, on a private Unix
+    socket (and a loopback port, for tools and tests). Returns the RunningModelServer; its
+    `target` is the address to hand the gateway."""
+    from serving.model_server import start_model_server
+    from serving.tfserving.configs import read_batching_parameters
 
-    def warm_up(self) -> None:
-        """The gateway's own warm-up requests (serving/app.py), telling the arbiter the worker is
-        alive between them. An optional speed-up: should it fail, the worker serves anyway (an
-        exception here would stop the whole server, as a worker that cannot boot does)."""
-        from serving.app import warm_up_requests  # in the worker, as the app itself
+    batching = read_batching_parameters(settings.batching_config) if settings.batching_config else None
+    socket_folder = tempfile.mkdtemp(prefix=socket_folder_prefix(os.getpid()))
+    # Gone when the process ends, stopped or not; under gunicorn the arbiter also removes it for a
+    # worker that was killed.
+    atexit.register(shutil.rmtree, socket_folder, ignore_errors=True)
+    server = start_model_server(settings.model_config, {"/models": settings.model_dir},
+                                grpc_port=0, host="127.0.0.1", poll_seconds=settings.poll_seconds,
+                                intra_op_threads=settings.intra_op_threads,
+                                inter_op_threads=settings.inter_op_threads, batching=batching,
+                                unix_socket=str(Path(socket_folder) / "model-server.sock"),
+                                warmup_iterations=settings.warmup_iterations)
+    logging.getLogger("scribe").info("embedded model server on %s and 127.0.0.1:%d, models from %s",
+                                     server.target, server.grpc_port, settings.model_dir)
+    return server
 
-        def go_on() -> bool:
-            self.notify()
-            return self.alive
 
-        try:
-            warm_up_requests(self.wsgi, go_on)
-        except Exception:  # noqa: BLE001 - logged; the worker serves without the warm-up
-            self.log.exception("Worker %s: warm-up failed; taking connections anyway", self.pid)
+class EmbeddedModelServer(WorkerHooks):
+    """Each worker: its own embedded model server, then the gateway handed its address."""
 
-    def wait_for_embedded_models(self, embedded) -> None:
-        """A worker with an embedded model server takes connections only once that server has
-        made its first pass over the model folders: each version there loaded and warmed up, or
-        failed. Before, a request could reach a worker whose models were still loading, and get a
-        503 right after another worker had answered /readyz with 200. Meanwhile the worker tells
-        the arbiter it is alive; after FIRST_LOAD_WAIT_SECONDS it takes connections anyway, and
-        /readyz says what is missing."""
+    server = None  # the worker's RunningModelServer, once loaded
+
+    def load(self, settings: Settings):
+        self.server = start_embedded_model_server(settings)
+        return super().load(dataclasses.replace(settings, model_server=self.server.target))
+
+    def wait_until_ready(self, worker) -> None:
+        """A worker takes connections only once its model server has made its first pass over
+        the model folders: each version there loaded and warmed up, or failed. Before, a request
+        could reach a worker whose models were still loading, and get a 503 right after another
+        worker had answered /readyz with 200. Meanwhile the worker tells the arbiter it is alive;
+        after FIRST_LOAD_WAIT_SECONDS it takes connections anyway, and /readyz says what is
+        missing."""
         deadline = time.monotonic() + FIRST_LOAD_WAIT_SECONDS
-        while not embedded.manager.first_poll_done.wait(0.5):
-            if not self.alive:  # told to stop meanwhile (SIGTERM)
+        while not self.server.manager.first_poll_done.wait(0.5):
+            if not worker.alive:  # told to stop meanwhile (SIGTERM)
                 return
-            self.notify()
+            worker.notify()
             if time.monotonic() > deadline:
-                self.log.warning("Worker %s: models still loading after %d s; taking connections",
-                                 self.pid, FIRST_LOAD_WAIT_SECONDS)
+                worker.log.warning("Worker %s: models still loading after %d s; taking connections",
+                                   worker.pid, FIRST_LOAD_WAIT_SECONDS)
                 return
 
-    def run(self):
-        self.log.info("Worker %s is ready and accepting connections", self.pid)
-        super().run()
-
-    # Least-connections accept (ConnectionBalance): the worker publishes how many connections it
-    # holds whenever that changes, or NOT_ACCEPTING while it takes none.
-    @property
-    def nr_conns(self) -> int:
-        return self._nr_conns
-
-    @nr_conns.setter
-    def nr_conns(self, value: int) -> None:
-        self._nr_conns = value
-        self.publish()
-
-    def publish(self) -> None:
-        if self.balance_slot is not None:
-            taking = self._accepting or self.resume_accept_at is not None
-            self.balance.counts[self.balance_slot] = self._nr_conns if taking and self.alive \
-                else ConnectionBalance.NOT_ACCEPTING
-
-    def set_accept_enabled(self, enabled):
-        """gunicorn's main loop turns accepting on, or off when the worker is full or stopping."""
-        if not enabled:
-            self.resume_accept_at = self.deferring_since = None
-        elif self.resume_accept_at is not None:
-            if time.monotonic() < self.resume_accept_at:
-                return  # still leaving new connections to a worker with fewer
-            self.resume_accept_at = None
-        super().set_accept_enabled(enabled)
-        self.publish()
-
-    def connection_waiting(self) -> bool:
-        """Whether a new connection waits on a listener (the listeners are fixed: one poll object)."""
-        if self.listeners_poll is None:
-            self.listeners_poll = select.poll()
-            for listener in self.sockets:
-                self.listeners_poll.register(listener, select.POLLIN)
-        return bool(self.listeners_poll.poll(0))
-
-    def wait_for_and_dispatch_events(self, timeout):
-        if self.resume_accept_at is not None:
-            if self._nr_conns >= self.worker_connections:
-                self.resume_accept_at = None  # full: gunicorn turns accepting back on when it is not
-                self.publish()
-            else:  # wake up in time to look again (at once if that time has come meanwhile)
-                timeout = min(timeout, max(0.0, self.resume_accept_at - time.monotonic()))
-        super().wait_for_and_dispatch_events(timeout)
-        if (self.deferring_since is not None or self.draining) and self.resume_accept_at is None \
-                and not self.connection_waiting():
-            # Another worker took what this one left or had yet to take: balance the next one.
-            self.deferring_since, self.draining = None, False
-
-    def accept(self, listener):
-        if not self.draining and self.balance.fewer_elsewhere(self.balance_slot, self._nr_conns):
-            now = time.monotonic()
-            if self.deferring_since is None:
-                self.deferring_since = now
-            if now - self.deferring_since < ConnectionBalance.MAX_DEFER_SECONDS:
-                self.resume_accept_at = now + ConnectionBalance.RECHECK_SECONDS
-                super().set_accept_enabled(False)
-                return
-            self.draining = True  # the other worker is not taking them
-        self.deferring_since = None
-        super().accept(listener)
-        if self.draining:
-            self.draining = self.connection_waiting()
-
-    def enqueue_req(self, conn):
-        if not conn.initialized:  # a new connection: the options stay for its lifetime
-            seconds, fraction = divmod(self.client_timeout, 1)
-            timeval = struct.pack("ll", int(seconds), int(fraction * 1_000_000))
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        super().enqueue_req(conn)
-
-    def handle(self, conn):
-        keep = super().handle(conn)
-        if keep is False:
-            # gthread closes the connection in its main loop, lingering up to 2 s for a client
-            # that neither sends nor closes: a handful of stalled clients would stop it from
-            # accepting anyone else. Linger here, in this connection's thread, instead.
-            linger(conn.sock)
-        return keep
-
-
-def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
-    """gunicorn's util.write_error, for the requests gunicorn refuses before the app sees them (a
-    request line or headers over its limits, a malformed request line or chunk), in the gateway's
-    JSON error form instead of an HTML page."""
-    from serving import errors  # in the worker only: it imports grpc, which must not be forked
-
-    reason = "Not Implemented" if status == 501 else reason  # gunicorn says "Bad Request"
-    code = errors.INTERNAL_ERROR if status == 500 else errors.code_of(reason)
-    body = json.dumps({"error": {"code": code, "message": message or reason}}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
-def linger(sock: socket.socket, seconds: float = 2.0) -> None:
-    """gunicorn's graceful close (util.close_graceful) without the close: send FIN, read what
-    the client still sends until it closes (so that closing does not reset the connection and
-    cut off the response), then shut the read side, so the final close does not wait again."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            if not sock.recv(65536):
-                break
-    except OSError:  # timed out, reset or closed already: nothing more to wait for
-        pass
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
-
-
-class StalledClientLog(logging.Filter):
-    """gthread logs a timed-out recv or send (EAGAIN on a blocking socket) as a socket error with
-    a traceback; for a stalled client one line is enough."""
-
-    def __init__(self, timeout: float):
-        super().__init__()
-        self.timeout = timeout
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BlockingIOError):
-            record.msg, record.args = "closed a client stalled for %ss", (self.timeout,)
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def unlogged_header_text(record: logging.LogRecord) -> bool:
-    """gunicorn logs the whole text of a header line it cannot parse. `Authorization Bearer <key>`
-    without its colon is one: keep the text of such lines out of the log (API keys never are)."""
-    message = record.getMessage()
-    if "Invalid HTTP Header" in message:
-        record.msg = message.split("Invalid HTTP Header", 1)[0] + "Invalid HTTP Header (text not logged)"
-        record.args = ()
-    return True
-
-
-def remove_socket_folder(worker) -> None:
-    """In the arbiter, once a worker has gone however it went (stopped, killed or crashed):
-    remove the private folder of its embedded model server's socket."""
-    for folder in Path(tempfile.gettempdir()).glob(socket_folder_prefix(worker.pid) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class GatewayServer(BaseApplication):
-    """gunicorn, configured from Settings, serving `app_factory(settings)` in each worker: the
-    gateway by default (bench/floor_app.py serves its floor on the same stack)."""
-
-    def __init__(self, settings: Settings, app_factory: Callable[[Settings], Any] | None = None):
-        self.settings, self.app_factory = settings, app_factory
-        # Room for the workers a reload (HUP) or TTIN starts while the old ones stop; a worker
-        # that finds no free slot accepts as gunicorn's own workers do.
-        self.balance = ConnectionBalance(max(64, 4 * settings.workers))
-        super().__init__()
-
-    def child_exit(self, _arbiter, worker) -> None:
-        """gunicorn's child_exit hook, in the arbiter: a worker has gone, however it went."""
-        self.balance.release(worker)
-        remove_socket_folder(worker)
-
-    def load_config(self):
-        s = self.settings
-        self.cfg.set("bind", f"{s.host}:{s.port}")
-        self.cfg.set("workers", s.workers)
-        self.cfg.set("threads", s.threads)
-        self.cfg.set("worker_class", ClientTimeoutWorker)  # gthread, with client I/O timeouts
-        self.cfg.set("timeout", 120)  # loading TensorFlow and the models takes a while
-        self.cfg.set("graceful_timeout", 20)
-        self.cfg.set("accesslog", "-")
-        self.cfg.set("pre_fork", self.balance.assign)
-        self.cfg.set("child_exit", self.child_exit)
-
-    def load(self):
-        if self.app_factory is not None:
-            return self.app_factory(self.settings)
-        from serving.app import create_app  # in the worker: TensorFlow is never forked
-
-        return create_app(self.settings)
+    def worker_exited(self, worker) -> None:
+        """Remove the private folder of the worker's socket, however the worker went."""
+        for folder in Path(tempfile.gettempdir()).glob(socket_folder_prefix(worker.pid) + "*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:
@@ -331,11 +106,14 @@ def main() -> int:
     settings = Settings.from_env()
     if not 0 < settings.client_timeout_seconds < 86_400:  # 0 would turn the kernel's timeout off
         raise SystemExit("SCRIBE_CLIENT_TIMEOUT_SECONDS must be above 0 and below a day")
-    if not settings.model_server and not tensorflow_installed():
-        raise SystemExit(EMBEDDED_NEEDS_TENSORFLOW)
+    hooks = None
+    if not settings.model_server:
+        if not tensorflow_installed():
+            raise SystemExit(EMBEDDED_NEEDS_TENSORFLOW)
+        hooks = EmbeddedModelServer()
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     print(f"Scribe gateway on http://{host}:{settings.port}", flush=True)
-    GatewayServer(settings).run()
+    GatewayServer(settings, hooks).run()
     return 0
 
 

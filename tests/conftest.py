@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +106,61 @@ def without_tensorflow(folder: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(folder)}
 
 
+class ModelServerProcess:
+    """`python -m serving.model_server` with TF Serving's flags `args`, in a process of its own:
+    the one way tests start a standalone model server. It keeps the server's log, and notes when
+    its gRPC port was bound and when a version first loaded."""
+
+    def __init__(self, *args: str):
+        self.command = [sys.executable, "-m", "serving.model_server", *args]
+        self.process = None
+        self.bound_at = self.loaded_at = None
+        self.log: list[str] = []
+
+    def start(self) -> ModelServerProcess:
+        self.bound_at = self.loaded_at = None
+        self.process = subprocess.Popen(self.command, cwd=ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read_log, args=(self.process,), daemon=True).start()
+        return self
+
+    def _read_log(self, process) -> None:
+        for line in process.stdout:
+            self.log.append(line.rstrip())
+            if "serving gRPC on port" in line and self.bound_at is None:  # logged once bound
+                self.bound_at = time.monotonic()
+            if "loaded version" in line and self.loaded_at is None:
+                self.loaded_at = time.monotonic()
+
+    def output(self) -> str:
+        return "\n".join(self.log[-40:])
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        """Until `condition()` holds; fails at once if the server exits. The timeout guards
+        against a hang (a server loads in seconds)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, "model server exited:\n" + self.output()
+            assert time.monotonic() < deadline, f"{what}\n" + self.output()
+            time.sleep(0.05)
+
+    def wait_loaded(self, timeout: float) -> tuple[float, float]:
+        """When the gRPC port was bound and when the model had loaded (monotonic)."""
+        self.wait_until(lambda: self.loaded_at is not None, timeout, "model server never loaded")
+        return self.bound_at, self.loaded_at
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
 @dataclass
 class Gunicorn:
     url: str
@@ -183,15 +240,22 @@ def booted(log: Path, workers: int) -> bool:
 
 
 class LiveGateway:
-    """The Flask app from create_app(), served over real HTTP on a loopback port."""
+    """The Flask app from create_app(), served over real HTTP on a loopback port, in front of the
+    model server `model_server` names, else of an embedded one started in this process as
+    `python -m serving` starts it (`embedded`)."""
 
     def __init__(self, model_dir: Path, **overrides):
         from werkzeug.serving import make_server
 
-        from serving.app import create_app
-        from serving.config import Settings
+        from serving.__main__ import start_embedded_model_server
+        from serving.gateway.app import create_app
+        from serving.gateway.config import Settings
 
         self.settings = Settings(model_dir=str(model_dir), **{"poll_seconds": 0.2, **overrides})
+        self.embedded = None
+        if not self.settings.model_server:
+            self.embedded = start_embedded_model_server(self.settings)
+            self.settings = dataclasses.replace(self.settings, model_server=self.embedded.target)
         self.app = create_app(self.settings)
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -216,6 +280,8 @@ class LiveGateway:
     def close(self) -> None:
         self.server.shutdown()
         self.app.extensions["scribe"].close()
+        if self.embedded is not None:
+            self.embedded.stop()
 
 
 @pytest.fixture(scope="session")

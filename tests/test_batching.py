@@ -12,7 +12,7 @@ from conftest import ROOT, copy_model_base
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.model_server import start_model_server
-from serving.model_server.batching import DynamicBatcher, QueueFull
+from serving.tfserving.batching import DynamicBatcher, QueueFull
 from training.mnist_data import load_digits
 
 

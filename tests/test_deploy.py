@@ -9,7 +9,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -19,18 +18,18 @@ import pytest
 import requests
 import tensorflow as tf
 import yaml
-from conftest import ROOT, copy_model_base, free_port, start_gateway, without_tensorflow
+from conftest import ROOT, ModelServerProcess, copy_model_base, free_port, start_gateway, without_tensorflow
 from drawings import draw_digit, png_bytes
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from test_text import stream_events
 
-from serving import tf_serving_protos
-from serving.config import Settings
-from serving.model_server import read_batching_parameters, read_model_config, read_monitoring_config
+from serving.gateway.config import Settings
+from serving.gateway.preprocess import decode_image, preprocess_drawing
 from serving.model_server.__main__ import compose_command_line
-from serving.preprocess import decode_image, preprocess_drawing
+from serving.tfserving import protos as tf_serving_protos
+from serving.tfserving.configs import read_batching_parameters, read_model_config, read_monitoring_config
 
 GPU = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
 
@@ -73,11 +72,11 @@ def services():
 
 
 def test_the_gateway_s_copy_of_tf_serving_s_api_is_the_installed_one():
-    """The gateway's TF Serving messages (serving/tf_serving_protos.binpb, loaded without
+    """The gateway's TF Serving messages (serving/tfserving/protos.binpb, loaded without
     TensorFlow) are the pinned tensorflow-serving-api's, and ship with the package."""
     installed = tf_serving_protos.descriptor_set_from_installed_package()
     assert tf_serving_protos.DESCRIPTORS.read_bytes() == installed.SerializeToString(deterministic=True), \
-        "out of date: run `python -m serving.tf_serving_protos`"
+        "out of date: run `python -m serving.tfserving.protos`"
 
 
 def test_the_package_ships_the_gateway_s_data_files_and_no_tensorflow_by_default(tmp_path):
@@ -177,7 +176,7 @@ def test_tfserving_flags(services):
     assert flags["enable_model_warmup"] == "true"
     # as many runs of each warmup record as the gateway's embedded model server makes
     assert int(flags["num_request_iterations_for_warmup"]) == Settings().warmup_iterations > 1
-    assert flags["model_config_file_poll_wait_seconds"] == "60"  # the README's "re-read every 60 s"
+    assert flags["model_config_file_poll_wait_seconds"] == "60"  # docs/deployment.md's "re-read every 60 s"
     assert services["tfserving"]["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
 
 
@@ -223,25 +222,20 @@ def compose_model_server(services, trained, trained_bard, tmp_path_factory):
     copy_model_base(trained_bard, base)
     grpc_port, rest_port = free_port(), free_port()
     args = compose_command_line(grpc_port, rest_port)
-    process = subprocess.Popen([sys.executable, "-m", "serving.model_server", *args,
-                                f"--base_path_map=/models={base}"], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = ModelServerProcess(*args, f"--base_path_map=/models={base}").start()
     try:
         healthcheck = services["tfserving"]["healthcheck"]["test"][3].replace("8501", str(rest_port))
-        deadline = time.monotonic() + 90
-        while subprocess.run(["bash", "-c", healthcheck], capture_output=True).returncode != 0:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the compose healthcheck never passed"
-            time.sleep(0.3)
+        def healthy() -> bool:
+            return subprocess.run(["bash", "-c", healthcheck], capture_output=True).returncode == 0
+
+        server.wait_until(healthy, 90, "the compose healthcheck never passed")
         for model in ("digits", "bard"):
-            while requests.get(f"http://127.0.0.1:{rest_port}/v1/models/{model}", timeout=10).json()[
-                    "model_version_status"][0]["state"] != "AVAILABLE":
-                assert time.monotonic() < deadline, f"{model} never became AVAILABLE"
-                time.sleep(0.3)
+            server.wait_until(lambda model=model: requests.get(
+                f"http://127.0.0.1:{rest_port}/v1/models/{model}", timeout=10).json()[
+                "model_version_status"][0]["state"] == "AVAILABLE", 90, f"{model} never became AVAILABLE")
         yield grpc_port, rest_port
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 def test_the_tfserving_command_line_serves_through_the_embedded_model_server(compose_model_server):
@@ -287,8 +281,8 @@ def test_the_gateway_imports_nothing_beyond_its_dependencies(tmp_path):
     """A gateway worker (create_app with SCRIBE_MODEL_SERVER set, both endpoints, metrics, the
     gunicorn entry point) and the client import only what the base dependencies install."""
     code = ("import json, sys\nbare = set(sys.modules)  # the interpreter's own, and its .pth files'\n"
-            "import serving.__main__, serving.digits_api, serving.text_api, client\n"
-            "from serving.app import create_app\ncreate_app()\n"
+            "import serving.__main__, serving.gateway.digits_api, serving.gateway.text_api, client\n"
+            "from serving.gateway.app import create_app\ncreate_app()\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - bare})))")
     env = {**without_tensorflow(tmp_path), "SCRIBE_MODEL_SERVER": "127.0.0.1:1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -314,7 +308,7 @@ def test_the_gateway_as_compose_runs_it_calls_the_model_server_without_tensorflo
     """The gateway service: `python -m serving` with SCRIBE_MODEL_SERVER set, as the Dockerfile
     starts it, in front of the compose model server, with TensorFlow impossible to import (as
     in the gateway image). Its workers answer digits and text through TF Serving's gRPC API
-    (serving/tf_serving_protos.py): the answers are the model server's own, and no TensorFlow
+    (serving/tfserving/protos.py): the answers are the model server's own, and no TensorFlow
     library is mapped into a worker."""
     grpc_port, _ = compose_model_server
     gateway = start_gateway(tmp_path, {"PYTHONPATH": without_tensorflow(tmp_path)["PYTHONPATH"],

@@ -9,15 +9,19 @@ must turn 503, and once the model server is started again on the same port the g
 /readyz must come back with nobody touching the gateway.
 """
 
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 
 import requests
-from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base, free_port, wait_for_readyz
+from conftest import (
+    DIGITS_CONFIG,
+    LiveGateway,
+    ModelServerProcess,
+    copy_model_base,
+    free_port,
+    wait_for_readyz,
+)
 from drawings import draw_digit, png_bytes
 from reliability import record, rss_mb
 
@@ -31,51 +35,14 @@ RECOVERY_BOUND = 120.0  # restart -> first 200: process start, TensorFlow import
 RECONNECT_BOUND = 5.0  # port bound -> gateway connected; model loaded -> first 200 through it
 
 
-class ModelServerProcess:
-    """`python -m serving.model_server` on a fixed port; notes when the model has loaded."""
-
-    def __init__(self, port: int, config, base):
-        self.command = [sys.executable, "-m", "serving.model_server", "--port", str(port),
-                        "--model_config_file", str(config), "--base_path_map", f"/models={base}",
-                        "--file_system_poll_wait_seconds", "0.5"]
-        self.process = None
-        self.bound_at = self.loaded_at = None
-        self.log: list[str] = []
-
-    def start(self) -> None:
-        self.bound_at = self.loaded_at = None
-        self.process = subprocess.Popen(self.command, cwd=ROOT, text=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read_log, args=(self.process,), daemon=True).start()
-
-    def _read_log(self, process) -> None:
-        for line in process.stderr:
-            self.log.append(line.rstrip())
-            if "serving gRPC on port" in line and self.bound_at is None:  # logged once bound
-                self.bound_at = time.monotonic()
-            if "loaded version" in line and self.loaded_at is None:
-                self.loaded_at = time.monotonic()
-
-    def wait_loaded(self, timeout: float) -> tuple[float, float]:
-        """When the gRPC port was bound and when the model had loaded (monotonic)."""
-        deadline = time.monotonic() + timeout
-        while self.loaded_at is None and time.monotonic() < deadline:
-            assert self.process.poll() is None, "model server exited:\n" + "\n".join(self.log[-20:])
-            time.sleep(0.05)
-        assert self.loaded_at is not None, "model server never loaded:\n" + "\n".join(self.log[-20:])
-        return self.bound_at, self.loaded_at
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-
 def test_killed_model_server_gives_clean_errors_and_the_gateway_recovers_by_itself(trained, tmp_path):
     base = copy_model_base(trained, tmp_path / "models")
     config = tmp_path / "models.config"
     config.write_text(DIGITS_CONFIG % 'model_platform: "tensorflow"')  # /readyz waits for every model
     port = free_port()
-    server = ModelServerProcess(port, config, base)
+    server = ModelServerProcess("--port", str(port), "--model_config_file", str(config),
+                                "--base_path_map", f"/models={base}",
+                                "--file_system_poll_wait_seconds", "0.5")
     server.start()
     live = LiveGateway(base, model_server=f"127.0.0.1:{port}", model_config=str(config),
                        model_timeout_seconds=MODEL_TIMEOUT)

@@ -1,4 +1,4 @@
-"""Schema-driven fuzzing of the live gateway against its own description, serving/openapi.json.
+"""Schema-driven fuzzing of the live gateway against its own description, serving/gateway/openapi.json.
 
 For every operation in the description, Hypothesis generates at least 500 requests from the
 operation's documented parameters and request bodies: values valid by the schema, and the same
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from reliability import record
 
-SPEC = json.loads((ROOT / "serving" / "openapi.json").read_text())
+SPEC = json.loads((ROOT / "serving" / "gateway" / "openapi.json").read_text())
 OPERATIONS = [(path, method) for path, item in SPEC["paths"].items() for method in item]
 REQUESTS_PER_ENDPOINT = 500
 REQUEST_TIMEOUT = (5, 30)  # connect, read: a request that takes longer is a hang

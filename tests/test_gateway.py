@@ -13,7 +13,7 @@ from conftest import predict
 from drawings import INKS, LIGHTS, PAPERS, clean_strokes, draw_digit, photo_of_digit, png_bytes
 from PIL import Image
 
-from serving.preprocess import decode_image, preprocess_drawing
+from serving.gateway.preprocess import decode_image, preprocess_drawing
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -274,7 +274,7 @@ def test_model_server_timeout_is_504(gateway, tmp_path):
                        batching_config=str(slow), warmup_iterations=1)
     try:
         # A guard against a hang, not a speed limit: loading takes seconds.
-        assert live.app.extensions["scribe"].embedded.manager.wait_until_available(timeout=300)
+        assert live.embedded.manager.wait_until_available(timeout=300)
         response = predict(live, files={"image": png_bytes(draw_digit(1))})
         assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
         text = requests.post(live.url + "/v1/text/generate", json={"prompt": "A", "max_chars": 2000},

@@ -1,16 +1,13 @@
 """The embedded model server speaks TF Serving's gRPC and REST APIs, started with its flags."""
 
 import json
-import subprocess
-import sys
-import time
 
 import grpc
 import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from conftest import ROOT, free_port
+from conftest import ROOT, ModelServerProcess, free_port
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -25,30 +22,25 @@ from training.mnist_data import load_digits
 @pytest.fixture(scope="module")
 def model_server(trained):
     grpc_port, rest_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.model_server", f"--port={grpc_port}",
-         f"--rest_api_port={rest_port}", "--model_config_file=serving/models.config",
-         "--file_system_poll_wait_seconds=1", "--enable_model_warmup=true",
-         f"--base_path_map=/models={trained.model_base}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = ModelServerProcess(
+        f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--model_config_file=serving/models.config",
+        "--file_system_poll_wait_seconds=1", "--enable_model_warmup=true",
+        f"--base_path_map=/models={trained.model_base}").start()
     rest = f"http://127.0.0.1:{rest_port}"
-    deadline = time.monotonic() + 300  # a guard against a hang: it loads in seconds
-    while True:
+
+    def serves_digits() -> bool:
         try:
-            if requests.get(rest + "/v1/models/digits", timeout=2).status_code == 200:
-                break
+            return requests.get(rest + "/v1/models/digits", timeout=2).status_code == 200
         except requests.ConnectionError:
-            pass
-        assert process.poll() is None, process.stdout.read()
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("the model server never served digits\n" + process.stdout.read())
-        time.sleep(0.2)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield rest, channel
-    channel.close()
-    process.terminate()
-    process.wait(timeout=30)
+            return False
+
+    try:
+        server.wait_until(serves_digits, 300, "the model server never served digits")
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        yield rest, channel
+        channel.close()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +193,8 @@ def test_grpc_a_tensor_of_no_real_dtype_is_invalid_argument(model_server, test_d
 def test_bard_inputs_of_the_wrong_kind_or_out_of_range_are_refused_not_wrapped(trained_bard, tmp_path):
     """numpy would wrap 2**32 + 5 round to 5 for an int32 input, and TensorFlow fails with an
     INTERNAL error on a number where text is wanted: TF Serving refuses both as INVALID_ARGUMENT."""
-    from serving.model_server import read_model_config
     from serving.model_server.servables import ServableManager, ServingError
+    from serving.tfserving.configs import read_model_config
     from training.bard import generation_inputs
 
     manager = ServableManager(read_model_config(ROOT / "serving" / "models.config"),

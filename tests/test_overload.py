@@ -33,7 +33,7 @@ from conftest import (
 from drawings import chunked, padded_png
 from reliability import record
 
-from serving.config import Settings
+from serving.gateway.config import Settings
 
 THREADS = 6
 MAX_GENERATIONS = 2
@@ -297,13 +297,14 @@ def test_a_header_line_gunicorn_cannot_parse_is_not_logged(server):
 
 
 def test_no_socket_folder_outlives_a_process_that_never_closed_its_gateway(tmp_path):
-    """A script, `flask run` or a test that makes the gateway and exits without closing it
+    """A script or a test that starts the embedded model server and exits without stopping it
     leaves no socket folder behind."""
     (tmp_path / "tmp").mkdir()
     (tmp_path / "models").mkdir()
     env = environment_without_scribe_settings()
-    script = ("from serving.app import create_app; from serving.config import Settings; "
-              f"app = create_app(Settings(model_dir={str(tmp_path / 'models')!r})); "
+    script = ("from serving.__main__ import start_embedded_model_server; "
+              "from serving.gateway.config import Settings; "
+              f"server = start_embedded_model_server(Settings(model_dir={str(tmp_path / 'models')!r})); "
               "import tempfile, pathlib; print(len(list(pathlib.Path(tempfile.gettempdir()).iterdir())))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env={**env, "TMPDIR": str(tmp_path / "tmp")}, timeout=120)

@@ -7,7 +7,7 @@ import pytest
 from drawings import INKS, LIGHTS, PAPERS, clean_strokes, draw_digit, photo_of_digit, png_bytes
 from PIL import Image, ImageChops, ImageDraw
 
-from serving.preprocess import (
+from serving.gateway.preprocess import (
     ImageTooLarge,
     InvalidImage,
     NoInk,

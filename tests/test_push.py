@@ -14,7 +14,8 @@ import pytest
 from conftest import DIGITS_CONFIG, ROOT
 from reliability import record
 
-from training.push import HIGH_WATER, LOCK, STAGING_PREFIX, push_version, pushed_versions
+from serving.tfserving.versions import pushed_versions
+from training.push import HIGH_WATER, LOCK, STAGING_PREFIX, push_version
 
 PUSH = "import sys; from training.push import push_version; push_version(sys.argv[1], sys.argv[2])"
 # The end of every training job, as in training/digits.py run(): export, verify the export in a
@@ -178,8 +179,8 @@ def kill_job(trainer: subprocess.Popen) -> bool:
 
 @pytest.mark.timeout(1800)  # 7 to 9 trainer runs: about 2 minutes here, more on a slower machine
 def test_trainer_killed_during_export_verify_and_push_never_shows_a_partial_version(tmp_path):
-    from serving.model_server import read_model_config
     from serving.model_server.servables import END, ServableManager
+    from serving.tfserving.configs import read_model_config
 
     base, runs = tmp_path / "models", tmp_path / "runs"
     model_dir = base / "digits"

@@ -17,8 +17,8 @@ from conftest import DIGITS_CONFIG, ROOT, LiveGateway, copy_model_base
 from drawings import draw_digit, png_bytes
 
 from client import ScribeClient, ScribeError
-from serving.config import Settings
-from serving.security import read_api_keys
+from serving.gateway.config import Settings
+from serving.gateway.security import read_api_keys
 
 KEYS = ("k1-alpha-3f9c", "k2-bravo-81d0")
 FILE_KEY = "k3-from-secret-file-77aa"
@@ -39,7 +39,7 @@ def open_gateway(trained, tmp_path_factory):
 
 def sharing_model_server(gateway: LiveGateway, **overrides) -> LiveGateway:
     """Another gateway in front of `gateway`'s model server, as the gateway fronts TF Serving."""
-    embedded = gateway.app.extensions["scribe"].embedded
+    embedded = gateway.embedded
     return LiveGateway(gateway.settings.model_dir, model_server=f"127.0.0.1:{embedded.grpc_port}",
                        model_config=gateway.settings.model_config, **overrides)
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import ROOT, without_tensorflow
 from tensorflow.core.framework import tensor_pb2
 
-from serving.tensor_protos import from_proto, to_proto
+from serving.tfserving.tensors import from_proto, to_proto
 
 ARRAYS = [
     np.random.default_rng(0).random((2, 28, 28), dtype=np.float32),
@@ -41,8 +41,8 @@ GATEWAY_ARRAYS = [a for a in ARRAYS if a.dtype != np.uint16]  # the dtypes read 
 WITHOUT_TENSORFLOW = """
 import pickle, sys
 import numpy as np
-from serving import tf_serving_protos
-from serving.tensor_protos import from_proto, to_proto
+from serving.tfserving import protos as tf_serving_protos
+from serving.tfserving.tensors import from_proto, to_proto
 
 arrays = pickle.load(sys.stdin.buffer)
 written = [to_proto(a, into=tf_serving_protos.TensorProto()).SerializeToString(deterministic=True)

@@ -257,13 +257,13 @@ def test_a_stream_outliving_its_version_continues_on_the_new_one(trained_bard, t
 
     from conftest import LiveGateway, copy_model_base
 
-    from serving.text_api import events
+    from serving.gateway.text_api import events
     from training.push import push_version
 
     base = copy_model_base(trained_bard, tmp_path / "models")
     live = LiveGateway(base, stream_chunk_chars=10)
     try:
-        manager = live.app.extensions["scribe"].embedded.manager
+        manager = live.embedded.manager
         assert manager.wait_until_available(["bard"], timeout=60)
         gateway = live.app.extensions["scribe"]
         params = {"prompt": "ROMEO:", "max_chars": 40, "temperature": 0.8, "top_k": 0, "seed": 4}

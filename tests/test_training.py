@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, SONNETS, copy_model_base, run_training
 
+from serving.tfserving.versions import pushed_versions
 from training import digits, pipeline
 from training.pipeline import bless, saved_model_cli_run
-from training.push import push_version, pushed_versions
+from training.push import push_version
 
 
 def test_quick_model_beats_90_percent_on_its_test_split(trained):

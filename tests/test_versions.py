@@ -8,8 +8,8 @@ import pytest
 from conftest import DIGITS_CONFIG, copy_model_base
 from reliability import record
 
-from serving.model_server import read_model_config
 from serving.model_server.servables import AVAILABLE, END, ServableManager, ServingError
+from serving.tfserving.configs import read_model_config
 from training.pipeline import write_warmup_requests
 
 

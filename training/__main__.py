@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from serving.tfserving.versions import latest_version
 from training.pipeline import EXIT_FAILED, EXIT_PUSHED
-from training.push import latest_version
 
 
 def positive(text: str) -> int:
@@ -18,7 +18,7 @@ def positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
     missing.add_argument("--profile", choices=("quick", "cpu", "gpu"), default="cpu",
                          help="the profile both models train with (default: cpu)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = flags().parse_args(argv)
 
     from training import bard as bard_job  # imports TensorFlow: after argument errors
     from training import digits as digits_job
@@ -69,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return reported("bard", lambda: bard_job.run(
             args.profile, args.corpus, args.model_base, args.runs_dir, steps=args.steps,
             max_val_loss=args.max_val_loss))
+    return train_missing({"digits": digits_job, "bard": bard_job}, args)
+
+
+def train_missing(jobs: dict, args: argparse.Namespace) -> int:
+    """Train each model that has no pushed version yet, with the profile of `args`."""
     failures = []  # one model failing must not keep the other from training
-    for name, job in (("digits", digits_job), ("bard", bard_job)):
+    for name, job in jobs.items():
         version = latest_version(args.model_base / name)
         if version is not None:
             print(f"{name}: version {version} already pushed under {args.model_base / name}")

@@ -129,8 +129,8 @@ def inference_graph(model):
     output channel, and an offset), so that Grappler fuses every layer into one op with its bias and
     ReLU (_FusedConv2D, _FusedMatMul) instead of running the norm's four ops. "same" padding
     becomes an explicit pad and a "valid" convolution: TensorFlow's CPU convolution with the
-    6x6 kernel's uneven padding is about a quarter slower. Together about 18% less CPU per
-    image. The folded weights are computed once, here, and saved with the export."""
+    6x6 kernel's uneven padding is slower. Together they save CPU per image
+    (docs/benchmarks.md). The folded weights are computed once, here, and saved with the export."""
     import keras
     import tensorflow as tf
 
@@ -261,6 +261,30 @@ def plot_curves(history: dict, steps_per_point: int, path: Path) -> None:
     plt.close(fig)
 
 
+def profile_settings(profile: str, steps: int | None, augmented: bool, seed: int) -> dict:
+    """The profile's settings, with the run's own steps, augmentation and seed."""
+    settings = dict(PROFILES[profile], augmented=augmented, seed=seed)
+    if steps is not None:
+        settings["steps"], settings["eval_every"] = pipeline.whole_intervals(
+            NAME, steps, settings["eval_every"])
+        settings["warmup_steps"] = min(settings.get("warmup_steps", 0), settings["steps"] // 10)
+    return settings
+
+
+def training_batches(splits, settings: dict):
+    """The training digits, shuffled and batched for ever; augmented unless the settings say no,
+    the last `clean_share` of the steps as they are."""
+    import tensorflow as tf
+
+    seed = settings["seed"]
+    as_they_are = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
+                   .shuffle(len(splits.x_train), seed=seed).repeat().batch(settings["batch"]))
+    train = augment(as_they_are, seed) if settings["augmented"] else as_they_are
+    if settings["augmented"] and settings.get("clean_share"):
+        train = train.take(round(settings["steps"] * (1 - settings["clean_share"]))).concatenate(as_they_are)
+    return train.prefetch(tf.data.AUTOTUNE)
+
+
 def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | None = None,
         min_accuracy: float | None = None, augmented: bool = True, seed: int = SEED) -> int:
     """Train, export, verify, evaluate, bless, push. Returns the process exit status."""
@@ -269,11 +293,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
 
     from training.clock import TestAccuracyCurve, TrainingClock
 
-    settings = dict(PROFILES[profile], augmented=augmented, seed=seed)
-    if steps is not None:
-        settings["steps"], settings["eval_every"] = pipeline.whole_intervals(
-            NAME, steps, settings["eval_every"])
-        settings["warmup_steps"] = min(settings.get("warmup_steps", 0), settings["steps"] // 10)
+    settings = profile_settings(profile, steps, augmented, seed)
     splits = load_digits(data)
     threshold = settings["min_accuracy"][splits.kind] if min_accuracy is None else min_accuracy
     run_dir = pipeline.make_run_dir(runs_dir, NAME)
@@ -284,19 +304,12 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
 
     print(f"{NAME}: profile {profile}{'' if augmented else ' without augmentation'}, "
           f"{splits.describe()}, run folder {run_dir}", flush=True)
-    as_they_are = (tf.data.Dataset.from_tensor_slices((splits.x_train, splits.y_train))
-                   .shuffle(len(splits.x_train), seed=seed).repeat().batch(settings["batch"]))
-    train = augment(as_they_are, seed) if augmented else as_they_are
-    if augmented and settings.get("clean_share"):  # the last steps see the digits as they are
-        train = train.take(round(settings["steps"] * (1 - settings["clean_share"]))).concatenate(as_they_are)
-    train = train.prefetch(tf.data.AUTOTUNE)
-
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     clock, curve = TrainingClock(), TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = model.fit(
-        train, steps_per_epoch=settings["eval_every"],
+        training_batches(splits, settings), steps_per_epoch=settings["eval_every"],
         epochs=settings["steps"] // settings["eval_every"],
         validation_data=(splits.x_val, splits.y_val), shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])

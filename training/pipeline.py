@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.push import LatestChanged, latest_version, push_version, pushed_versions
+from serving.tfserving.versions import WARMUP_FILE, latest_version, pushed_versions
+from training.push import LatestChanged, push_version
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 EXIT_PUSHED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BLESSED = 0, 1, 2, 3
 
 
@@ -125,7 +125,7 @@ def judge_against_newest_loadable(name: str, model_dir: Path, judge: Judge) -> t
     that TF Serving's session loader fails on is skipped, as model servers skip it), or
     `judge(None)` when none can: then nothing serves, and the candidate need only pass the value
     threshold. A version that loads but fails to evaluate fails the run instead."""
-    from serving.model_server.servables import first_line, load_session
+    from serving.tfserving.session import first_line, load_session
 
     skipped = []
     for version in reversed(pushed_versions(model_dir)):

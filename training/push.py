@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from serving.tfserving.versions import GRAPH_FILE, latest_version
+
 STAGING_PREFIX = ".push-"
 HIGH_WATER = ".highest-version"  # numbers are never reused, even after a rollback removed one
 LOCK = ".push.lock"  # pushers take numbers one at a time (flock: same host, or a shared volume)
@@ -34,26 +36,13 @@ class LatestChanged(RuntimeError):
         self.latest = latest
 
 
-def pushed_versions(model_dir: Path) -> list[int]:
-    """Integer versions under `model_dir` that hold a complete SavedModel, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
-
-
-def latest_version(model_dir: Path) -> int | None:
-    versions = pushed_versions(model_dir)
-    return versions[-1] if versions else None
-
-
 def push_version(export_dir: Path, model_dir: Path, expect_latest=ANY) -> int:
     """Copy `export_dir` into `model_dir` as the next integer version, atomically. Returns it.
     With `expect_latest` (a version, or None for none yet), push only if that is still the latest
     version when the number is taken, else raise LatestChanged: a candidate judged against one
     version must not land on top of another that was pushed meanwhile."""
     export_dir, model_dir = Path(export_dir), Path(model_dir)
-    if not (export_dir / "saved_model.pb").is_file():
+    if not (export_dir / GRAPH_FILE).is_file():
         raise FileNotFoundError(f"{export_dir} holds no saved_model.pb")
     model_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_dir)
@@ -144,7 +133,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _copy_saved_model_last(src: Path, dst: Path) -> None:
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.relative_to(src) == Path("saved_model.pb"))  # the graph goes last
+    files.sort(key=lambda p: p.relative_to(src) == Path(GRAPH_FILE))  # the graph goes last
     for path in files:
         target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,7 @@ def compose_command_line(grpc_port: int, rest_port: int,
     --base_path_map=/models=<folder> for the models. Reads YAML: PyYAML, a dev dependency."""
     import yaml
 
-    from serving.config import ROOT
-
-    compose_file = compose_file or ROOT / "docker-compose.yml"
+    compose_file = compose_file or Path(__file__).resolve().parents[2] / "docker-compose.yml"
     service = yaml.safe_load(compose_file.read_text())["services"]["tfserving"]
     mounts = {volume.split(":")[1]: str(compose_file.parent / volume.split(":")[0])
               for volume in service["volumes"] if volume.startswith(".")}
@@ -42,7 +40,7 @@ def compose_command_line(grpc_port: int, rest_port: int,
     return [f"{flag}={ports.get(flag, mounts.get(value, value))}" for flag, value in flags]
 
 
-def main(argv: list[str] | None = None) -> int:
+def flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving.model_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
@@ -71,41 +69,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="MonitoringConfig text file: Prometheus metrics on the REST port")
     parser.add_argument("--base_path_map", action="append", default=[], metavar="FROM=TO",
                         help="serve base path FROM (e.g. /models) from local folder TO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = flags()
     args = parser.parse_args(argv)
     if bool(args.model_config_file) == bool(args.model_base_path):
         parser.error("give exactly one of --model_config_file and --model_base_path")
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from serving.model_server import (
-        parse_base_path_map,
-        read_batching_parameters,
-        read_monitoring_config,
-        start_model_server,
-    )
-
-    config_file = args.model_config_file
-    if args.model_base_path:
-        config_file = Path(tempfile.mkdtemp()) / "models.config"
-        config_file.write_text(f'model_config_list {{ config {{ name: "{args.model_name}" '
-                               f'base_path: "{args.model_base_path}" model_platform: "tensorflow" }} }}')
     log = logging.getLogger("scribe.model_server")
     try:
-        mapping = parse_base_path_map(args.base_path_map)
-        prometheus_path = None
-        if args.monitoring_config_file:
-            prometheus_path = read_monitoring_config(args.monitoring_config_file)
-        batching = None
-        if args.enable_batching:
-            batching = (read_batching_parameters(args.batching_parameters_file)
-                        if args.batching_parameters_file else {})
-            log.info("dynamic batching: %s", batching or "default parameters")
-        server = start_model_server(config_file, mapping, args.port,
-                                    args.rest_api_port or None, "0.0.0.0",
-                                    args.file_system_poll_wait_seconds,
-                                    args.model_config_file_poll_wait_seconds, prometheus_path,
-                                    args.tensorflow_intra_op_parallelism,
-                                    args.tensorflow_inter_op_parallelism, batching,
-                                    warmup_iterations=args.num_request_iterations_for_warmup)
+        server = start(args)
     except (OSError, ValueError) as error:
         print(f"model server: {error}", file=sys.stderr)
         return 1
@@ -117,6 +92,39 @@ def main(argv: list[str] | None = None) -> int:
     stopped.wait()
     server.stop()
     return 0
+
+
+def start(args: argparse.Namespace):
+    """The model server the parsed flags describe, started."""
+    from serving.model_server import start_model_server
+    from serving.tfserving.configs import (
+        parse_base_path_map,
+        read_batching_parameters,
+        read_monitoring_config,
+    )
+
+    config_file = args.model_config_file
+    if args.model_base_path:
+        config_file = Path(tempfile.mkdtemp()) / "models.config"
+        config_file.write_text(f'model_config_list {{ config {{ name: "{args.model_name}" '
+                               f'base_path: "{args.model_base_path}" model_platform: "tensorflow" }} }}')
+    prometheus_path = None
+    if args.monitoring_config_file:
+        prometheus_path = read_monitoring_config(args.monitoring_config_file)
+    batching = None
+    if args.enable_batching:
+        batching = (read_batching_parameters(args.batching_parameters_file)
+                    if args.batching_parameters_file else {})
+        logging.getLogger("scribe.model_server").info("dynamic batching: %s",
+                                                      batching or "default parameters")
+    return start_model_server(
+        config_file, parse_base_path_map(args.base_path_map), grpc_port=args.port,
+        rest_port=args.rest_api_port or None, host="0.0.0.0",
+        poll_seconds=args.file_system_poll_wait_seconds,
+        config_poll_seconds=args.model_config_file_poll_wait_seconds,
+        prometheus_path=prometheus_path, intra_op_threads=args.tensorflow_intra_op_parallelism,
+        inter_op_threads=args.tensorflow_inter_op_parallelism, batching=batching,
+        warmup_iterations=args.num_request_iterations_for_warmup)
 
 
 if __name__ == "__main__":

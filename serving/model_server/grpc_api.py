@@ -15,7 +15,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving.model_server.servables import ServableManager, ServingError
-from serving.tensor_protos import MAX_MESSAGE_BYTES, from_proto, to_proto
+from serving.tfserving.tensors import MAX_MESSAGE_BYTES, from_proto, to_proto
 
 log = logging.getLogger("scribe.model_server")
 

@@ -10,102 +10,123 @@ import base64
 import threading
 
 import numpy as np
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from serving.model_server.servables import ServableManager, ServingError
+from serving.tfserving.versions import STATE_NAMES
 
-STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
 
+MANAGER = "servable_manager"  # the app.extensions key of the ServableManager it serves
+api = Blueprint("tf_serving_rest", __name__)
+
+
 def create_rest_app(manager: ServableManager, prometheus_path: str | None = None) -> Flask:
     app = Flask("scribe_model_server_rest")
-
+    app.extensions[MANAGER] = manager
     if prometheus_path:
-        @app.get(prometheus_path)
-        def prometheus():
-            return Response(manager.metrics.render(), mimetype="text/plain")  # as TF Serving
-
-    @app.errorhandler(ServingError)
-    def serving_error(error: ServingError):
-        return jsonify(error=error.message), HTTP_STATUS.get(error.code, 500)
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        return jsonify(error=error.description), error.code
-
-    @app.errorhandler(Exception)
-    def internal_error(error: Exception):
-        app.logger.exception("REST request failed")
-        return jsonify(error=f"internal error: {type(error).__name__}"), 500
-
-    def resolve(name, version=None, label=None):
-        return manager.servable(name, version, label)
-
-    @app.get("/v1/models/<name>")
-    @app.get("/v1/models/<name>/versions/<int:version>")
-    @app.get("/v1/models/<name>/labels/<label>")
-    def model_status(name, version=None, label=None):
-        if label:
-            version = resolve(name, label=label).version
-        return jsonify(model_version_status=[
-            {"version": str(v), "state": STATE_NAMES[state],
-             "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
-            for v, state, error in manager.status(name, version)])
-
-    @app.get("/v1/models/<name>/metadata")
-    @app.get("/v1/models/<name>/versions/<int:version>/metadata")
-    @app.get("/v1/models/<name>/labels/<label>/metadata")
-    def metadata(name, version=None, label=None):
-        servable = resolve(name, version, label)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        for key, signature_def in servable.signature_defs.items():
-            signatures.signature_def[key].CopyFrom(signature_def)
-        return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
-                       metadata={"signature_def": json_format.MessageToDict(
-                           signatures, always_print_fields_with_no_presence=True,
-                           preserving_proto_field_name=True)})  # TF Serving's own field names
-
-    @app.post("/v1/models/<name>:predict")
-    @app.post("/v1/models/<name>/versions/<int:version>:predict")
-    @app.post("/v1/models/<name>/labels/<label>:predict")
-    def predict(name, version=None, label=None):
-        with manager.counted_predict(name, "REST"):  # every request counted, whatever fails
-            return _predict(name, version, label)
-
-    def _predict(name, version, label):
-        try:  # whatever the Content-Type, as TF Serving (its docs post with plain curl -d)
-            body = request.get_json(force=True, silent=True)
-        except RecursionError:
-            body = None
-        if not isinstance(body, dict):
-            raise ServingError("INVALID_ARGUMENT", "JSON Parse error: the body must be a JSON object")
-        servable = resolve(name, version, label)
-        signature = body.get("signature_name") or "serving_default"
-        if not isinstance(signature, str) or signature not in servable.signature_defs:
-            raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not found")
-        input_names = list(servable.signature_defs[signature].inputs)
-        if ("instances" in body) == ("inputs" in body):
-            raise ServingError("INVALID_ARGUMENT",
-                               "Missing 'inputs' or 'instances' key (exactly one is required)")
-        row_format = "instances" in body
-        try:
-            inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
-                else _columns_to_inputs(body["inputs"], input_names)
-        except RecursionError:
-            raise ServingError("INVALID_ARGUMENT", "the inputs are nested too deeply") from None
-        outputs = servable.predict(signature, inputs)
-        if row_format:
-            return jsonify(predictions=_outputs_to_rows(outputs))
-        columns = {key: _to_json(value) for key, value in outputs.items()}
-        return jsonify(outputs=next(iter(columns.values())) if len(columns) == 1 else columns)
-
+        app.add_url_rule(prometheus_path, "prometheus", prometheus)
+    app.register_error_handler(ServingError, serving_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, internal_error)
+    app.register_blueprint(api)
     return app
+
+
+def manager() -> ServableManager:
+    return current_app.extensions[MANAGER]
+
+
+def prometheus():
+    return Response(manager().metrics.render(), mimetype="text/plain")  # as TF Serving
+
+
+def serving_error(error: ServingError):
+    return jsonify(error=error.message), HTTP_STATUS.get(error.code, 500)
+
+
+def http_error(error: HTTPException):
+    return jsonify(error=error.description), error.code
+
+
+def internal_error(error: Exception):
+    current_app.logger.exception("REST request failed")
+    return jsonify(error=f"internal error: {type(error).__name__}"), 500
+
+
+@api.get("/v1/models/<name>")
+@api.get("/v1/models/<name>/versions/<int:version>")
+@api.get("/v1/models/<name>/labels/<label>")
+def model_status(name, version=None, label=None):
+    if label:
+        version = manager().servable(name, label=label).version
+    return jsonify(model_version_status=[
+        {"version": str(v), "state": STATE_NAMES[state],
+         "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
+        for v, state, error in manager().status(name, version)])
+
+
+@api.get("/v1/models/<name>/metadata")
+@api.get("/v1/models/<name>/versions/<int:version>/metadata")
+@api.get("/v1/models/<name>/labels/<label>/metadata")
+def metadata(name, version=None, label=None):
+    servable = manager().servable(name, version, label)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature_def in servable.signature_defs.items():
+        signatures.signature_def[key].CopyFrom(signature_def)
+    return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
+                   metadata={"signature_def": json_format.MessageToDict(
+                       signatures, always_print_fields_with_no_presence=True,
+                       preserving_proto_field_name=True)})  # TF Serving's own field names
+
+
+@api.post("/v1/models/<name>:predict")
+@api.post("/v1/models/<name>/versions/<int:version>:predict")
+@api.post("/v1/models/<name>/labels/<label>:predict")
+def predict(name, version=None, label=None):
+    with manager().counted_predict(name, "REST"):  # every request counted, whatever fails
+        return _predict(name, version, label)
+
+
+def _predict(name, version, label):
+    body = _json_object()
+    servable = manager().servable(name, version, label)
+    signature = body.get("signature_name") or "serving_default"
+    if not isinstance(signature, str) or signature not in servable.signature_defs:
+        raise ServingError("INVALID_ARGUMENT", f"Serving signature name: \"{signature}\" not found")
+    input_names = list(servable.signature_defs[signature].inputs)
+    if ("instances" in body) == ("inputs" in body):
+        raise ServingError("INVALID_ARGUMENT",
+                           "Missing 'inputs' or 'instances' key (exactly one is required)")
+    row_format = "instances" in body
+    try:
+        inputs = _rows_to_inputs(body["instances"], input_names) if row_format \
+            else _columns_to_inputs(body["inputs"], input_names)
+    except RecursionError:
+        raise ServingError("INVALID_ARGUMENT", "the inputs are nested too deeply") from None
+    outputs = servable.predict(signature, inputs)
+    if row_format:
+        return jsonify(predictions=_outputs_to_rows(outputs))
+    columns = {key: _to_json(value) for key, value in outputs.items()}
+    return jsonify(outputs=next(iter(columns.values())) if len(columns) == 1 else columns)
+
+
+def _json_object() -> dict:
+    """The request's body as a JSON object, whatever its Content-Type, as TF Serving reads it (its
+    docs post with plain curl -d)."""
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:
+        body = None
+    if not isinstance(body, dict):
+        raise ServingError("INVALID_ARGUMENT", "JSON Parse error: the body must be a JSON object")
+    return body
 
 
 def _decode(value):

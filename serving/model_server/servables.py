@@ -18,21 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
     FileSystemStoragePathSourceConfig,
 )
 
-from serving.model_server import WARMUP_FILE
-from serving.model_server.batching import DynamicBatcher, QueueFull
-from serving.tensor_protos import from_proto
-from serving.tf_serving_protos import ModelConfig, ModelServerConfig
+from serving.tfserving.batching import DynamicBatcher, QueueFull
+from serving.tfserving.configs import read_model_config
+from serving.tfserving.protos import ModelConfig, ModelServerConfig
+from serving.tfserving.session import first_line, load_session, read_signature_defs
+from serving.tfserving.tensors import from_proto
+from serving.tfserving.versions import (
+    AVAILABLE,
+    END,
+    GRAPH_FILE,
+    LOADING,
+    WARMUP_FILE,
+    version_folders,
+)
 
 log = logging.getLogger("scribe.model_server")
 
-# TF Serving's ModelVersionStatus.State values.
-START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50
 
 
 class ServingError(Exception):
@@ -170,49 +176,13 @@ def _check_input(key: str, value: np.ndarray, wanted) -> None:
         raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {problem}, got {given}")
 
 
-def first_line(exc: Exception) -> str:
-    """The line of an error that says what went wrong. TensorFlow 2 starts with 'Graph execution
-    error:' and puts the cause a few lines down, after where it was detected."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if lines and lines[0].startswith("Graph execution error"):
-        causes = [line for line in lines[1:] if not line.startswith(
-            ("Detected at node", "File ", "[[", "Stack trace", "Traceback"))
-            and not line.endswith(":")]
-        lines = causes[-1:] or lines
-    return lines[0] if lines else type(exc).__name__
-
-
-def read_signature_defs(path: Path) -> dict:
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
-    defs = saved_model.meta_graphs[0].signature_def
-    return {name: defs[name] for name in defs if not name.startswith("__")}
-
-
-def load_session(path: Path):
-    """The SavedModel in a TF1 session, the way TF Serving loads it (SavedModelBundle): a run
-    costs about half the CPU of calling the restored signature function eagerly (0.9 against
-    1.6 ms for one digit here), and every export is already checked through this loader by
-    `saved_model_cli run`. The session uses this process's thread settings (configure_threads).
-    Nothing closes it: requests still running on an unloaded version keep it alive until they
-    end, and garbage collection closes it after them."""
-    graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
-        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
-    session = tf.compat.v1.Session(graph=graph, config=config)
-    with graph.as_default():
-        tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], str(path))
-    return session
-
-
 def load_servable(name: str, version: int, path: Path, batching: dict | None = None,
                   warmup_iterations: int = 1) -> Servable:
     """Load a SavedModel and run each of its warmup records (if any) `warmup_iterations` times
     (TF Serving's --num_request_iterations_for_warmup) before it takes traffic. One run of each
     builds TensorFlow's executors; repeated runs also let the executor learn from measured costs
-    which ops to run inline rather than hand to the inter-op pool. With one run of each, the first
-    4 or 5 generations after a load took 7 to 13 ms here, the later ones 5 to 6."""
+    which ops to run inline rather than hand to the inter-op pool, so that the first requests
+    after a load are as fast as the later ones (docs/benchmarks.md)."""
     signature_defs = read_signature_defs(path)
     servable = Servable(name, version, path, load_session(path), signature_defs)
     if batching is not None:
@@ -286,7 +256,6 @@ class ServableManager:
         if not self.config_file or time.monotonic() - self._config_checked < self.config_poll_seconds:
             return
         self._config_checked = time.monotonic()
-        from serving.model_server import read_model_config
 
         try:
             self.apply_config(read_model_config(self.config_file))
@@ -389,7 +358,7 @@ class ServableManager:
 
     def _reconcile(self, entry: ModelEntry) -> None:
         name = entry.config.name
-        on_disk = _versions_on_disk(entry.base_path)
+        on_disk = modified_versions(entry.base_path)
         loadable = {v: mtime for v, mtime in on_disk.items()
                     if not (v in entry.states and entry.states[v].error
                             and entry.states[v].mtime == mtime)}
@@ -511,14 +480,12 @@ def map_base_path(base_path: str, mapping: dict[str, str] | None) -> Path:
     return Path(base_path)
 
 
-def _versions_on_disk(base: Path) -> dict[int, float]:
-    if not base.is_dir():
-        return {}
+def modified_versions(base: Path) -> dict[int, float]:
+    """The complete versions under `base`: {version: when its graph was written}."""
     found = {}
-    for path in base.iterdir():
-        graph = path / "saved_model.pb"
-        if path.name.isdigit() and graph.is_file():
-            found[int(path.name)] = graph.stat().st_mtime
+    for version, path in version_folders(base).items():
+        with contextlib.suppress(OSError):  # removed since the scan
+            found[version] = (path / GRAPH_FILE).stat().st_mtime
     return found
 
 

@@ -1,52 +1,37 @@
-"""Gateway configuration: environment variables with documented defaults, read in one place."""
+"""The configuration of `python -m serving`: environment variables with documented defaults, read
+in one place. The gateway reads most of them; the fields marked "embedded server" configure the
+model server that `python -m serving` starts when SCRIBE_MODEL_SERVER is empty."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: serving/gateway/config.py
 
 
-EMBEDDED_NEEDS_TENSORFLOW = (
-    "SCRIBE_MODEL_SERVER is not set, so the gateway would start the embedded model server, which "
-    "needs TensorFlow: install scribe[tensorflow] (make install does), or set SCRIBE_MODEL_SERVER to "
-    "a TF Serving gRPC host:port")
+NEEDS_A_MODEL_SERVER = (
+    "the gateway needs a model server: set SCRIBE_MODEL_SERVER to a TF Serving gRPC address "
+    "(host:port or unix:PATH), or run `python -m serving`, which starts the embedded one")
 
 
-def tensorflow_installed() -> bool:
-    """Whether TensorFlow and TF Serving's API package, which the embedded model server runs on,
-    can be imported (checked without importing them)."""
-    try:
-        return all(importlib.util.find_spec(name) is not None
-                   for name in ("tensorflow", "tensorflow_serving"))
-    except (ImportError, ValueError):  # a broken or blocked install
-        return False
-
-
-def socket_folder_prefix(pid: int) -> str:
-    """How the private folder under TMPDIR that holds a gateway process's embedded model server
-    socket is named: after the process, so that gunicorn's arbiter (serving/__main__.py) can find
-    and remove it once the worker has gone."""
-    return f"scribe-{pid}-"
-
-
-# In the WSGI environ of the gateway's own warm-up requests (serving/app.py: warm_up_requests):
+# In the WSGI environ of the gateway's own warm-up requests (serving/gateway/app.py: warm_up_requests):
 # the HTTP metrics leave them out and the API key check lets them through. No client can set it:
 # a WSGI server puts request headers under HTTP_* keys.
 WARM_UP_ENVIRON = "scribe.warm_up"
+EXTENSION = "scribe"  # the app.extensions key of the app's Gateway (serving/gateway/state.py)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every field is read from the environment variable SCRIBE_<FIELD NAME> (PORT for port)."""
 
-    model_server: str = ""  # host:port of a TF Serving gRPC API; empty: start the embedded one
+    # TF Serving gRPC address (host:port, unix:PATH); empty: python -m serving starts the embedded one
+    model_server: str = ""
     model_config: str = str(ROOT / "serving" / "models.config")
-    model_dir: str = str(ROOT / "models")  # local folder for the config's /models base paths
+    model_dir: str = str(ROOT / "models")  # embedded server: local folder for /models base paths
     poll_seconds: float = 1.0  # embedded server: how often to look for new versions
     intra_op_threads: int = 1  # embedded server: TensorFlow threads per op (0: TF's default)
     # embedded server: TensorFlow's inter-op threads (0: TF's default pool, one thread per core, as
@@ -59,7 +44,7 @@ class Settings:
     warmup_iterations: int = 30
     model_timeout_seconds: float = 10.0  # deadline of every gRPC call to the model server
     # Digit Predict calls running at once per gateway process (and model pin); requests arriving
-    # meanwhile share the next call, up to max_images rows (model_server/batching.py). 0: one
+    # meanwhile share the next call, up to max_images rows (tfserving/batching.py). 0: one
     # call per request.
     coalesce_calls: int = 1
     # Generations in flight per gateway process; more are turned away at once (429). Half of

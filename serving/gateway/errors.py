@@ -14,7 +14,7 @@ import grpc
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from serving import preprocess
+from serving.gateway import preprocess
 
 log = logging.getLogger("scribe.gateway")
 RETRY_AFTER_SECONDS = 5
@@ -55,6 +55,13 @@ PREPROCESS_ERRORS = {
     preprocess.NoInk: (422, "no_ink"),
     preprocess.PixelsOutOfRange: (422, "out_of_range"),
 }
+
+
+def check_unicode(text: str, name: str) -> None:
+    """400 for a string with a lone surrogate (a JSON "\\ud800" escape): not encodable as the
+    UTF-8 that the model server's protobuf needs."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise bad_request(f"'{name}' contains unpaired surrogates: not valid Unicode text")
 
 
 def from_preprocess(error: ValueError, which: str = "") -> ApiError:

@@ -4,8 +4,8 @@ Requests queue up. At most num_batch_threads runs are in progress at once; when 
 the thread of the oldest waiting request runs it itself: it adds later requests until the batch
 holds max_batch_size rows or the oldest has waited batch_timeout_micros, runs the model once on
 the concatenated inputs, hands every request its rows of the outputs, and passes the turn to the
-next waiting request. There are no batch threads to hand work to: here such a hand-off (queue,
-wake-up, future) cost about 0.35 ms of CPU per call, a third of a digit's model run. When more
+next waiting request. There are no batch threads to hand work to: such a hand-off (queue,
+wake-up, future) costs a sizeable share of a small model's run in CPU. When more
 than max_enqueued_batches batches' worth of rows are waiting, new requests are refused with
 UNAVAILABLE at once, as TF Serving does, instead of queueing without bound.
 
@@ -15,7 +15,7 @@ odd shape never fails another's batch. The runs and the queue limit are shared b
 TF Serving batch scheduler's threads are shared by its queues: requests of many different shapes
 wait their turn like the rest instead of each key running num_batch_threads of its own. The
 gateway uses the same batcher to coalesce digit requests into shared Predict calls
-(serving/app.py), keyed by model pin.
+(serving/gateway/app.py), keyed by model pin.
 """
 
 from __future__ import annotations

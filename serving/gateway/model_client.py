@@ -1,21 +1,21 @@
 """The gateway's calls to a TF Serving model server: a few honest lines of gRPC each, with TF
-Serving's messages from serving/tf_serving_protos.py (no TensorFlow in the gateway)."""
+Serving's messages from serving/tfserving/protos.py (no TensorFlow in the gateway)."""
 
 from __future__ import annotations
 
 import grpc
 import numpy as np
 
-from serving import tf_serving_protos as api
-from serving.tensor_protos import MAX_MESSAGE_BYTES, from_proto, to_proto
+from serving.tfserving import protos as api
+from serving.tfserving.tensors import MAX_MESSAGE_BYTES, from_proto, to_proto
+from serving.tfserving.versions import STATE_NAMES
 
-STATE_NAMES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 # When the model server goes away, gRPC retries the connection with exponential backoff (1 s,
 # then x1.6 per failure, up to 120 s). Meanwhile every call fails at once with UNAVAILABLE (a
-# 503), even after the model server is back: one down for 10 s stayed unreachable for another
-# 6 s here, and the wait grows with the outage. Backing off from 0.1 s up to at most 1 s finds a
-# restarted model server within about a second; one connection attempt a second to one address
-# costs nothing. tests/test_faults.py measures it.
+# 503), even after the model server is back, for longer the longer the outage was. Backing off
+# from 0.1 s up to at most 1 s finds a restarted model server within about a second; one
+# connection attempt a second to one address costs nothing. tests/test_faults.py checks it
+# (docs/reliability.md).
 RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000}
 
 

@@ -12,15 +12,14 @@ import json
 import math
 import secrets
 import threading
-import time
 import weakref
 
-import grpc
 import numpy as np
-from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from serving import errors
-from serving.model_pin import read_pin
+from serving.gateway import errors
+from serving.gateway.model_pin import read_pin
+from serving.gateway.state import Gateway, gateway
 
 text = Blueprint("text", __name__)
 
@@ -31,21 +30,14 @@ MAX_SEED = 2**63 - 1
 DEFAULTS = {"max_chars": 300, "temperature": 0.8, "top_k": 0}
 
 
-@text.record_once
-def create_slots(state) -> None:
-    """Admission control: at most SCRIBE_MAX_GENERATIONS generations in flight in this process."""
-    limit = state.app.extensions["scribe"].settings.max_generations
-    state.app.extensions["generation_slots"] = threading.BoundedSemaphore(limit)
-
-
-def take_slot():
-    """A slot for one generation, taken without waiting, or 429 with Retry-After at once.
+def take_slot(gateway: Gateway):
+    """A slot for one generation (admission control: at most SCRIBE_MAX_GENERATIONS in flight in
+    this process), taken without waiting, or 429 with Retry-After at once.
 
     Returns its release function, which frees the slot at most once however often it is called."""
-    slots = current_app.extensions["generation_slots"]
-    in_flight = current_app.extensions["generations_in_flight"]
+    slots, in_flight = gateway.generation_slots, gateway.metrics.generations_in_flight
     if not slots.acquire(blocking=False):
-        current_app.extensions["generation_rejections"].inc()
+        gateway.metrics.generation_rejections.inc()
         raise errors.overloaded("too many generations in progress; retry after the Retry-After seconds")
     in_flight.inc()
     released = threading.Lock()
@@ -59,12 +51,11 @@ def take_slot():
 
 @text.post("/v1/text/generate")
 def generate():
-    gateway = current_app.extensions["scribe"]
-    params = read_params(gateway.settings.max_prompt_chars)
+    params = read_params(gateway().settings.max_prompt_chars)
     version, label = read_pin()
-    release = take_slot()
+    release = take_slot(gateway())
     try:
-        response = generation(gateway, params, version, label)
+        response = generation(gateway(), params, version, label)
     except BaseException:
         release()
         raise
@@ -78,7 +69,7 @@ def generate():
     return response
 
 
-def generation(gateway, params: dict, version, label) -> Response:
+def generation(gateway: Gateway, params: dict, version, label) -> Response:
     """The continuation as one JSON response, or a stream of server-sent events."""
     model = gateway.settings.text_model
     wants_stream = params.pop("stream") or (
@@ -100,13 +91,13 @@ def generation(gateway, params: dict, version, label) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def events(gateway, params: dict, first: dict, served: int, chunk: int, pinned: bool):
+def events(gateway: Gateway, params: dict, first: dict, served: int, chunk: int, pinned: bool):
     """Server-sent events: `chunk` events as text is written, then `done` (or `error`).
 
     Each chunk continues from the previous chunk's state on the version that started the stream.
     If a rollout unloads that version mid-stream (and the request did not pin one), the stream
     carries on with the new version, which first reads the prompt and the text so far."""
-    chunks = current_app.extensions["generation_chunks"]
+    chunks = gateway.metrics.generation_chunks
     written, outputs = 0, first
     pieces, versions = [], [served]
     while True:
@@ -149,18 +140,8 @@ def per_prompt(max_chars: int, params: dict) -> dict:
             "top_k": np.array([params["top_k"]], np.int32), "seed": np.array([params["seed"]], np.int64)}
 
 
-def call(gateway, signature: str, inputs: dict, version, label) -> tuple[dict, int]:
-    model = gateway.settings.text_model
-    timer = current_app.extensions["model_call_seconds"]
-    started = time.perf_counter()
-    try:
-        outputs, served = gateway.client.predict(model, inputs, version=version, label=label,
-                                                 signature=signature)
-    except grpc.RpcError as error:
-        timer.labels(model, error.code().name).observe(time.perf_counter() - started)
-        raise errors.from_grpc(error, model, pinned=bool(version or label)) from None
-    timer.labels(model, "OK").observe(time.perf_counter() - started)
-    return outputs, served
+def call(gateway: Gateway, signature: str, inputs: dict, version, label) -> tuple[dict, int]:
+    return gateway.predict(gateway.settings.text_model, inputs, version, label, signature)
 
 
 def read_params(max_prompt_chars: int) -> dict:
@@ -176,8 +157,7 @@ def read_params(max_prompt_chars: int) -> dict:
     if len(prompt) > max_prompt_chars:
         raise errors.ApiError(413, "prompt_too_long",
                               f"the prompt has {len(prompt)} characters; the limit is {max_prompt_chars}")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):
-        raise errors.bad_request("'prompt' contains unpaired surrogates: not valid Unicode text")
+    errors.check_unicode(prompt, "prompt")
     params = {"prompt": prompt}
     params["max_chars"] = integer(body, "max_chars", DEFAULTS["max_chars"], *MAX_CHARS)
     params["top_k"] = integer(body, "top_k", DEFAULTS["top_k"], 0, MAX_TOP_K)

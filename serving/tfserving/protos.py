@@ -4,9 +4,9 @@
 seconds at start) only to reach TensorProto's definition, although a gateway that calls a
 separate model server runs no model. The definitions the gateway needs (Predict,
 GetModelStatus, ModelServerConfig, and what they use) are kept here as a FileDescriptorSet,
-`tf_serving_protos.binpb`, written from the installed tensorflow-serving-api by
+`protos.binpb`, written from the installed tensorflow-serving-api by
 
-    python -m serving.tf_serving_protos
+    python -m serving.tfserving.protos
 
 and loaded into a descriptor pool of their own, so that they never clash with the real modules
 when the embedded model server loads TensorFlow into the same process. The full names, and so
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-DESCRIPTORS = Path(__file__).with_name("tf_serving_protos.binpb")
+DESCRIPTORS = Path(__file__).with_name("protos.binpb")
 # The .proto files the gateway uses; the file holds them with everything they import.
 ROOTS = ("tensorflow_serving/apis/predict.proto", "tensorflow_serving/apis/get_model_status.proto",
          "tensorflow_serving/config/model_server_config.proto")

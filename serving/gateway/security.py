@@ -17,8 +17,8 @@ from pathlib import Path
 
 from flask import Flask, Response, request
 
-from serving.config import WARM_UP_ENVIRON, Settings
-from serving.errors import ApiError
+from serving.gateway.config import WARM_UP_ENVIRON, Settings
+from serving.gateway.errors import ApiError
 
 PUBLIC_PATHS = {"/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico"}
 PUBLIC_PREFIX = "/static/"

@@ -123,11 +123,10 @@ def reduced(values: np.ndarray) -> np.ndarray:
 
 
 def shrink(image: Image.Image) -> None:
-    """In place, to at most WORKING_SIDE on the longer side (PHOTO_WORKING_SIDE for an image
-    over twice that), by averaging (a box filter). The
-    whole-number part of the factor goes through Image.reduce, an exact block average that costs
-    a quarter of resampling (a 280x280 canvas: 0.1 ms instead of 0.4), and resampling does the
-    rest (reducing_gap=1.0; thumbnail's default of 2.0 left a 2x reduction to resampling)."""
+    """In place, to at most WORKING_SIDE on the longer side (PHOTO_WORKING_SIDE for an image over
+    twice that), by averaging (a box filter). The whole-number part of the factor goes through
+    Image.reduce, an exact block average far cheaper than resampling, and resampling does the rest
+    (reducing_gap=1.0; thumbnail's default of 2.0 left a 2x reduction to resampling)."""
     side = working_side(max(image.size))
     if max(image.size) > side:
         image.thumbnail((side, side), Image.Resampling.BOX, reducing_gap=1.0)
@@ -344,9 +343,8 @@ def sample_photo() -> bytes:
 
 def warm_up() -> None:
     """Pay the one-time costs of reading a drawing at start-up rather than in the first user's
-    request. Pillow imports its image format plugins on first use (16 ms for the first PNG here,
-    more for a format outside its five most common), and the first pass of each kind of image
-    through the preprocessing costs about twice a later one (a photo's first pass four times).
+    request. Pillow imports its image format plugins on first use, and the first pass of each
+    kind of image through the preprocessing costs several times a later one.
     The drawings read here are the page's kind (RGBA), the benchmarks' (RGB) and a photo."""
     Image.init()
     for mode in ("RGBA", "RGB"):

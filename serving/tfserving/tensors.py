@@ -1,18 +1,17 @@
 """numpy arrays <-> TensorProto, the tensors of TF Serving's Predict API, without TensorFlow and
 without the per-call overhead of tf.make_tensor_proto / tf.make_ndarray.
 
-Those two are general (any Python value, every dtype, broadcasting of single values) and cost
-about a tenth of a digits request's Python time under load, and about 20 µs each way for a single
-value (every per-prompt parameter of a generation at batch 1, each answer's digit at batch 1). They
-also need TensorFlow itself, which the gateway does not load (serving/tf_serving_protos.py). For
-the dtypes the models use, arrays travel exactly as tf.make_tensor_proto writes them: numbers as
-raw little-endian bytes in `tensor_content`, or, for a single value or none, in the typed value
-field (`float_val`, `int_val`, ...); booleans in `bool_val`; byte strings in `string_val`. Any other
-dtype goes through TensorFlow's own functions: the model server has TensorFlow loaded, and no model
-here sends or answers one to the gateway (which, without TensorFlow, refuses it as a ValueError).
+Those two are general (any Python value, every dtype, broadcasting of single values), and their
+cost shows in a small request's Python time under load. They also need TensorFlow itself, which
+the gateway does not load (serving/tfserving/protos.py). For the dtypes the models use, arrays
+travel exactly as tf.make_tensor_proto writes them: numbers as raw little-endian bytes in
+`tensor_content`, or, for a single value or none, in the typed value field (`float_val`,
+`int_val`, ...); booleans in `bool_val`; byte strings in `string_val`. Any other dtype goes
+through TensorFlow's own functions: the model server has TensorFlow loaded, and no model here
+sends or answers one to the gateway (which, without TensorFlow, refuses it as a ValueError).
 
 The functions take TensorProtos of either descriptor pool: TensorFlow's (the model server's
-messages) or the gateway's own (serving/tf_serving_protos.py). `to_proto` fills the message it is
+messages) or the gateway's own (serving/tfserving/protos.py). `to_proto` fills the message it is
 given, such as `request.inputs["image"]`, so nothing is copied between the two.
 """
 
@@ -23,7 +22,7 @@ import sys
 
 import numpy as np
 
-from serving.tf_serving_protos import DATA_TYPES
+from serving.tfserving.protos import DATA_TYPES
 
 # The numeric dtypes handled here, each with its DataType and the typed field where TF writes a
 # single value (more values go to tensor_content).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import request
 
-from serving import errors
+from serving.gateway import errors
 
 MAX_VERSION = 2**63 - 1  # TF Serving versions are int64
 
@@ -30,7 +30,6 @@ def read_pin() -> tuple[int | None, str | None]:
             raise errors.out_of_range(f"'version' must be between 1 and {MAX_VERSION}")
     if label is not None and (not isinstance(label, str) or not label):
         raise errors.bad_request("'label' must be a non-empty string")
-    if label is not None and any(0xD800 <= ord(c) <= 0xDFFF for c in label):
-        # A JSON "\ud800" escape: not encodable as the UTF-8 the model server's protobuf needs.
-        raise errors.bad_request("'label' contains unpaired surrogates: not valid Unicode text")
+    if label is not None:
+        errors.check_unicode(label, "label")
     return version, label

@@ -4,48 +4,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 
-import grpc
 import numpy as np
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from serving import errors
-from serving.model_pin import read_pin
-from serving.preprocess import decode_image, preprocess_drawing, preprocess_pixels
+from serving.gateway import errors
+from serving.gateway.model_pin import read_pin
+from serving.gateway.preprocess import decode_image, preprocess_drawing, preprocess_pixels
+from serving.gateway.state import gateway
 
 digits = Blueprint("digits", __name__)
 
 
 @digits.post("/v1/digits/predict")
 def predict():
-    gateway = current_app.extensions["scribe"]
-    settings = gateway.settings
+    settings = gateway().settings
     images = read_images(settings.max_images, settings.max_image_pixels)
     version, label = read_pin()
-    timer = current_app.extensions["model_call_seconds"]
-    started = time.perf_counter()
-    try:
-        outputs, served = call_model(gateway, images, version, label)
-    except grpc.RpcError as error:
-        timer.labels(settings.digits_model, error.code().name).observe(time.perf_counter() - started)
-        raise errors.from_grpc(error, settings.digits_model, pinned=bool(version or label)) from None
-    timer.labels(settings.digits_model, "OK").observe(time.perf_counter() - started)
+    outputs, served = gateway().predict_digits(images, version, label)
     probabilities = outputs["probabilities"]
     return jsonify(model={"name": settings.digits_model, "version": served}, predictions=[
         {"digit": int(digit), "confidence": round(float(p[digit]), 6),
          "probabilities": [round(float(x), 6) for x in p]}
         for digit, p in zip(outputs["digit"], probabilities, strict=True)])
-
-
-def call_model(gateway, images: np.ndarray, version: int | None,
-               label: str | None) -> tuple[dict[str, np.ndarray], int]:
-    """Predict, in a call shared with concurrent requests of the same pin when coalescing is on."""
-    if gateway.digit_calls is None:
-        return gateway.client.predict(gateway.settings.digits_model, {"image": images},
-                                      version=version, label=label)
-    outputs = gateway.digit_calls.submit({"image": images}, key=(version, label))
-    return outputs, int(outputs.pop("version")[0])
 
 
 def read_images(max_images: int, max_pixels: int) -> np.ndarray:

@@ -1,0 +1,100 @@
+"""What a request needs, in one typed place: the gateway's connection to its model server, the
+batcher that coalesces digit calls, the generation slots and the metrics. create_app builds one
+`Gateway` per app; a view reaches it with `gateway()`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from flask import current_app
+
+from serving.gateway import errors
+from serving.gateway.config import EXTENSION, Settings
+from serving.gateway.metrics import ModelMetrics
+from serving.gateway.model_client import ModelClient
+from serving.tfserving.batching import DynamicBatcher
+
+Result = TypeVar("Result")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    client: ModelClient
+    model_names: list[str]  # every model of the model config, in its order
+    metrics: ModelMetrics
+    generation_slots: threading.BoundedSemaphore  # SCRIBE_MAX_GENERATIONS at once
+    digit_calls: DynamicBatcher | None  # coalesces digit requests into shared Predict calls
+
+    @classmethod
+    def connect(cls, settings: Settings, model_names: list[str], metrics: ModelMetrics) -> Gateway:
+        client = ModelClient(settings.model_server, settings.model_timeout_seconds)
+        slots = threading.BoundedSemaphore(settings.max_generations)
+        gateway = cls(settings, client, model_names, metrics, slots, None)
+        if settings.coalesce_calls > 0:
+            gateway.digit_calls = gateway.digit_call_batcher()
+        return gateway
+
+    def digit_call_batcher(self) -> DynamicBatcher:
+        """Requests that arrive while this process's digit calls are all in flight share the next
+        call: a gRPC call costs the gateway and the model server more CPU than the CNN spends on an
+        image. One that finds a call free goes at once (no timeout): coalescing never waits for
+        company, it only shares under load. Keyed by model pin."""
+        def call_digits(inputs, pin):
+            outputs, served = self.client.predict(self.settings.digits_model, inputs,
+                                                  version=pin[0], label=pin[1])
+            return {**outputs, "version": np.full(len(inputs["image"]), served)}
+
+        return DynamicBatcher(call_digits, {
+            "max_batch_size": self.settings.max_images, "batch_timeout_micros": 0,
+            "num_batch_threads": self.settings.coalesce_calls,
+            "max_enqueued_batches": self.settings.threads + 1,  # never full: each thread waits once
+        }, "digit-calls", on_batch=self.metrics.requests_per_model_call.observe)
+
+    def model_call(self, model: str, pinned: bool, call: Callable[[], Result]) -> Result:
+        """Run one call to the model server: timed in scribe_model_call_seconds by outcome, and
+        its gRPC error turned into the API's error for `model`."""
+        timer = self.metrics.model_call_seconds
+        started = time.perf_counter()
+        try:
+            result = call()
+        except grpc.RpcError as error:
+            timer.labels(model, error.code().name).observe(time.perf_counter() - started)
+            raise errors.from_grpc(error, model, pinned=pinned) from None
+        timer.labels(model, "OK").observe(time.perf_counter() - started)
+        return result
+
+    def predict(self, model: str, inputs: dict[str, np.ndarray], version: int | None = None,
+                label: str | None = None, signature: str = "serving_default"
+                ) -> tuple[dict[str, np.ndarray], int]:
+        """Predict on `model`: its outputs and the version that answered."""
+        return self.model_call(model, bool(version or label), lambda: self.client.predict(
+            model, inputs, version=version, label=label, signature=signature))
+
+    def predict_digits(self, images: np.ndarray, version: int | None,
+                       label: str | None) -> tuple[dict[str, np.ndarray], int]:
+        """Predict on the digits model, in a call shared with concurrent requests of the same pin
+        when coalescing is on."""
+        if self.digit_calls is None:
+            return self.predict(self.settings.digits_model, {"image": images}, version, label)
+
+        def shared_call():
+            outputs = self.digit_calls.submit({"image": images}, key=(version, label))
+            return outputs, int(outputs.pop("version")[0])
+        return self.model_call(self.settings.digits_model, bool(version or label), shared_call)
+
+    def close(self) -> None:
+        if self.digit_calls is not None:
+            self.digit_calls.stop()
+        self.client.close()
+
+
+def gateway() -> Gateway:
+    """The Gateway of the app handling the current request."""
+    return current_app.extensions[EXTENSION]
