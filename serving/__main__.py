@@ -62,7 +62,7 @@ def start_embedded_model_server(settings: Settings):
                                 grpc_port=0, host="127.0.0.1", poll_seconds=settings.poll_seconds,
                                 intra_op_threads=settings.intra_op_threads,
                                 inter_op_threads=settings.inter_op_threads, batching=batching,
-                                unix_socket=str(Path(socket_folder) / "model-server.sock"),
+                                grpc_socket_path=str(Path(socket_folder) / "model-server.sock"),
                                 warmup_iterations=settings.warmup_iterations)
     logging.getLogger("scribe").info("embedded model server on %s and 127.0.0.1:%d, models from %s",
                                      server.target, server.grpc_port, settings.model_dir)

@@ -158,7 +158,8 @@ def test_runs_and_the_queue_limit_are_shared_by_every_key():
 
 
 def test_signatures_with_a_batch_dimension_everywhere_are_batched(batching_server):
-    assert set(batching_server.manager.servable("digits").batchers) == {"serving_default"}
+    # digits: images in, and serialized tf.Examples for Classify; both batch.
+    assert set(batching_server.manager.servable("digits").batchers) == {"serving_default", "classification"}
     # Every bard signature takes one value per prompt, so all of them batch, as in TF Serving.
     assert set(batching_server.manager.servable("bard").batchers) == {"serving_default", "continue", "score"}
 

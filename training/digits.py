@@ -47,6 +47,7 @@ LR_MIN_COSINE = 0.00005
 DROPOUT = 0.25
 MAX_REGRESSION = 0.001  # a new version may be at most 0.1 point worse than the pushed one
 SEED = 42  # the default: the weights, the order of the digits and the augmentation's draws
+CLASSES = [str(digit) for digit in range(10)]  # the labels of the classification signature
 MAX_SERVING_GRAPH_ERROR = 1e-5  # relative; see check_inference_graph
 
 
@@ -200,8 +201,9 @@ def check_inference_graph(model, steps, images: np.ndarray) -> float:
 
 
 def export(model, export_dir: Path, check_images: np.ndarray) -> None:
-    """SavedModel with serving_default: image [b, 28, 28] -> probabilities [b, 10], digit [b].
-    The serving graph is checked against the Keras model on `check_images` first."""
+    """SavedModel with serving_default: image [b, 28, 28] -> probabilities [b, 10], digit [b],
+    and classification (TF Serving's Classify and :classify): serialized tf.Examples -> classes
+    and scores. The serving graph is checked against the Keras model on `check_images` first."""
     import keras
     import tensorflow as tf
 
@@ -219,8 +221,18 @@ def export(model, export_dir: Path, check_images: np.ndarray) -> None:
         return {"probabilities": probabilities,
                 "digit": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        """TF Serving's Classify: serialized tf.Examples, each with its 784 pixels as the float
+        feature `image` (MNIST's convention) -> the ten classes "0".."9" and their scores."""
+        pixels = tf.io.parse_example(inputs, {"image": tf.io.FixedLenFeature([28 * 28], tf.float32)})
+        scores = run_steps(steps, tf.reshape(pixels["image"], [-1, 28, 28]))
+        return {"classes": tf.broadcast_to(tf.constant(CLASSES), tf.shape(scores)), "scores": scores}
+
     archive.add_endpoint("serving_default", serve)
+    archive.add_endpoint("classification", classify)
     archive.write_out(str(export_dir), verbose=False)
+    pipeline.set_method_name(export_dir, "classification", "tensorflow/serving/classify")
     rng = np.random.default_rng(0)
     pipeline.write_warmup_requests(export_dir, NAME, [
         {"image": rng.random((1, 28, 28), dtype=np.float32)},
@@ -321,6 +333,8 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     export(model, export_dir, check_images=splits.x_val[:64])
     pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
                            ["probabilities", "digit"])
+    pipeline.verify_export(export_dir, {}, ["classes", "scores"], "classification",
+                           f"inputs=[{{'image':{splits.x_test[0].ravel().round(4).tolist()}}}]")
     test_accuracy = accuracy_of_export(export_dir, splits.x_test, splits.y_test)
 
     def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:

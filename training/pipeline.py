@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.tfserving.versions import WARMUP_FILE, latest_version, pushed_versions
+from serving.tfserving.versions import GRAPH_FILE, WARMUP_FILE, latest_version, pushed_versions
 from training.push import LatestChanged, push_version
 
 EXIT_PUSHED, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BLESSED = 0, 1, 2, 3
@@ -69,23 +70,46 @@ def write_warmup_requests(export_dir: Path, model_name: str, examples: list[dict
             writer.write(log.SerializeToString())
 
 
+def set_method_name(export_dir: Path, signature: str, method_name: str) -> None:
+    """Give a signature TF Serving's method name (Keras exports every one as predict), so that
+    Classify and Regress accept it even with --enable_signature_method_name_check. Rewritten
+    atomically, before anything reads the export."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    graph = Path(export_dir) / GRAPH_FILE
+    saved_model = saved_model_pb2.SavedModel.FromString(graph.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        meta_graph.signature_def[signature].method_name = method_name
+    staged = graph.with_name(graph.name + ".partial")
+    staged.write_bytes(saved_model.SerializeToString())
+    os.replace(staged, graph)
+
+
 def saved_model_cli_run(export_dir: Path, inputs: dict[str, np.ndarray],
-                        signature: str = "serving_default") -> subprocess.CompletedProcess:
-    """`saved_model_cli run` in a fresh process: the session loader that TF Serving uses."""
+                        signature: str = "serving_default",
+                        input_examples: str | None = None) -> subprocess.CompletedProcess:
+    """`saved_model_cli run` in a fresh process: the session loader that TF Serving uses.
+    `input_examples`: saved_model_cli's --input_examples, tf.Examples it serializes itself
+    (`inputs=[{"feature": [values]}]`), for a signature that takes them."""
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for key, value in inputs.items():
             np.save(Path(tmp) / f"{key}.npy", value)
             files.append(f"{key}={Path(tmp) / key}.npy")
         cmd = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
-               "--dir", str(export_dir), "--tag_set", "serve", "--signature_def", signature,
-               "--inputs", ";".join(files)]
+               "--dir", str(export_dir), "--tag_set", "serve", "--signature_def", signature]
+        if files:
+            cmd += ["--inputs", ";".join(files)]
+        if input_examples:
+            cmd += ["--input_examples", input_examples]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def verify_export(export_dir: Path, inputs: dict[str, np.ndarray], expect_outputs: list[str]) -> str:
-    """Fail unless the export loads and runs in a fresh process and returns `expect_outputs`."""
-    result = saved_model_cli_run(export_dir, inputs)
+def verify_export(export_dir: Path, inputs: dict[str, np.ndarray], expect_outputs: list[str],
+                  signature: str = "serving_default", input_examples: str | None = None) -> str:
+    """Fail unless the export loads and runs `signature` in a fresh process and returns
+    `expect_outputs`."""
+    result = saved_model_cli_run(export_dir, inputs, signature, input_examples)
     missing = [name for name in expect_outputs if f"Result for output key {name}" not in result.stdout]
     if result.returncode != 0 or missing:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])

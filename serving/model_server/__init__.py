@@ -4,10 +4,12 @@ without the TF Serving container. It reads the same serving/models.config."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.model_server.options import ServerOptions
 from serving.tfserving.configs import read_model_config
 
 
@@ -60,31 +62,29 @@ class RunningModelServer:
 
 
 def start_model_server(config_file: str | Path, base_path_map: dict[str, str] | None = None,
-                       grpc_port: int = 0, rest_port: int | None = None, host: str = "0.0.0.0",
-                       poll_seconds: float = 1.0, config_poll_seconds: float = 0,
-                       prometheus_path: str | None = None, intra_op_threads: int = 0,
-                       inter_op_threads: int = 0, batching: dict | None = None,
-                       unix_socket: str | None = None,
-                       warmup_iterations: int = 1) -> RunningModelServer:
-    """Start polling versions and serving gRPC (and REST when rest_port is not None). gRPC also
-    listens on `unix_socket` if given: cheaper than TCP for a client on the same machine. Each
-    warmup record of a loading version runs `warmup_iterations` times."""
-    configure_threads(intra_op_threads, inter_op_threads)
+                       options: ServerOptions | None = None, **changes) -> RunningModelServer:
+    """Start the model server: `options` (by default ServerOptions()) with `changes` to its
+    fields. gRPC also listens on `grpc_socket_path` if given: cheaper than TCP for a client on
+    the same machine; REST when `rest_port` is not None (0: a free port). With
+    `load_before_listening`, as TF Serving, the config's models load before the ports open;
+    otherwise the ports open first and requests wait on the loads (the embedded default: a
+    gateway worker reports itself alive meanwhile)."""
+    options = dataclasses.replace(options or ServerOptions(), **changes)
+    configure_threads(options.intra_op_threads, options.inter_op_threads)
     from serving.model_server.grpc_api import start_grpc_server
     from serving.model_server.rest_api import start_rest_server
     from serving.model_server.servables import ServableManager
 
-    manager = ServableManager(read_model_config(config_file), base_path_map, poll_seconds,
-                              config_file=config_file if config_poll_seconds else None,
-                              config_poll_seconds=config_poll_seconds, batching=batching,
-                              warmup_iterations=warmup_iterations)
-    grpc_server, bound = start_grpc_server(manager, grpc_port, host,  # bind before loading
-                                           unix_socket=unix_socket)
-    running = RunningModelServer(manager, grpc_server, bound, unix_socket=unix_socket)
-    if rest_port is not None:
+    if options.config_poll_seconds:
+        options.config_file = str(config_file)
+    manager = ServableManager(read_model_config(config_file), base_path_map, options)
+    if options.load_before_listening:
+        manager.first_pass()
+    grpc_server, bound = start_grpc_server(manager, options)
+    running = RunningModelServer(manager, grpc_server, bound, unix_socket=options.grpc_socket_path)
+    if options.rest_port is not None:
         try:
-            running.rest_server, running.rest_port = start_rest_server(manager, rest_port, host,
-                                                                       prometheus_path)
+            running.rest_server, running.rest_port = start_rest_server(manager, options)
         except OSError:
             grpc_server.stop(grace=0)
             raise

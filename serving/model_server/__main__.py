@@ -1,8 +1,8 @@
 """python -m serving.model_server: a stand-in for tensorflow_model_server.
 
-Takes TF Serving's own flag names, so the command line of the tfserving service in
-docker-compose.yml runs here unchanged, plus --base_path_map to map the container's
-model base paths (/models/...) onto a local folder.
+Takes every flag of TF Serving's own (serving/model_server/flags.py), so the command line of
+the tfserving service in docker-compose.yml runs here unchanged, plus --base_path_map to map the
+container's model base paths (/models/...) onto a local folder.
 """
 
 from __future__ import annotations
@@ -11,17 +11,8 @@ import argparse
 import logging
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def compose_command_line(grpc_port: int, rest_port: int,
@@ -40,41 +31,14 @@ def compose_command_line(grpc_port: int, rest_port: int,
     return [f"{flag}={ports.get(flag, mounts.get(value, value))}" for flag, value in flags]
 
 
-def flags() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.model_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
-    parser.add_argument("--rest_api_port", type=int, default=0,
-                        help="REST port; 0 disables REST, as in TF Serving (default 0)")
-    parser.add_argument("--model_config_file", help="ModelServerConfig in text format")
-    parser.add_argument("--model_name", default="default", help="single-model mode: its name")
-    parser.add_argument("--model_base_path", help="single-model mode: its base path")
-    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
-                        help="seconds between polls for new versions (default 1)")
-    parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0,
-                        help="seconds between re-reads of --model_config_file; 0: read once")
-    parser.add_argument("--enable_model_warmup", type=_bool, default=True,
-                        help="accepted for compatibility: warmup records always run")
-    parser.add_argument("--num_request_iterations_for_warmup", type=int, default=0,
-                        help="runs of each warmup record when a version loads; 0: one, as in TF Serving")
-    parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
-                        help="threads per TensorFlow op; 0: TensorFlow's default")
-    parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
-                        help="threads running independent ops; 0: TensorFlow's default; -1: each "
-                             "run on its caller's thread")
-    parser.add_argument("--enable_batching", type=_bool, default=False)
-    parser.add_argument("--batching_parameters_file",
-                        help="BatchingParameters text file (with --enable_batching)")
-    parser.add_argument("--monitoring_config_file",
-                        help="MonitoringConfig text file: Prometheus metrics on the REST port")
-    parser.add_argument("--base_path_map", action="append", default=[], metavar="FROM=TO",
-                        help="serve base path FROM (e.g. /models) from local folder TO")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = flags()
+    from serving.model_server import flags
+
+    parser = flags.parser(__doc__)
     args = parser.parse_args(argv)
+    if args.version:
+        print_version()
+        return 0
     if bool(args.model_config_file) == bool(args.model_base_path):
         parser.error("give exactly one of --model_config_file and --model_base_path")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -95,36 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start(args: argparse.Namespace):
-    """The model server the parsed flags describe, started."""
-    from serving.model_server import start_model_server
-    from serving.tfserving.configs import (
-        parse_base_path_map,
-        read_batching_parameters,
-        read_monitoring_config,
-    )
+    """The model server the parsed flags describe: the config's models loaded, then listening."""
+    from serving.model_server import flags, start_model_server
+    from serving.tfserving.configs import parse_base_path_map
 
-    config_file = args.model_config_file
-    if args.model_base_path:
-        config_file = Path(tempfile.mkdtemp()) / "models.config"
-        config_file.write_text(f'model_config_list {{ config {{ name: "{args.model_name}" '
-                               f'base_path: "{args.model_base_path}" model_platform: "tensorflow" }} }}')
-    prometheus_path = None
-    if args.monitoring_config_file:
-        prometheus_path = read_monitoring_config(args.monitoring_config_file)
-    batching = None
-    if args.enable_batching:
-        batching = (read_batching_parameters(args.batching_parameters_file)
-                    if args.batching_parameters_file else {})
-        logging.getLogger("scribe.model_server").info("dynamic batching: %s",
-                                                      batching or "default parameters")
-    return start_model_server(
-        config_file, parse_base_path_map(args.base_path_map), grpc_port=args.port,
-        rest_port=args.rest_api_port or None, host="0.0.0.0",
-        poll_seconds=args.file_system_poll_wait_seconds,
-        config_poll_seconds=args.model_config_file_poll_wait_seconds,
-        prometheus_path=prometheus_path, intra_op_threads=args.tensorflow_intra_op_parallelism,
-        inter_op_threads=args.tensorflow_inter_op_parallelism, batching=batching,
-        warmup_iterations=args.num_request_iterations_for_warmup)
+    config_file = args.model_config_file or flags.single_model_config(args.model_name,
+                                                                      args.model_base_path)
+    return start_model_server(config_file, parse_base_path_map(args.base_path_map),
+                              flags.options_from(args))
+
+
+def print_version() -> None:
+    import tensorflow as tf
+
+    from serving.model_server.flags import TF_SERVING_VERSION
+
+    print(f"TensorFlow ModelServer: {TF_SERVING_VERSION} (Scribe's embedded model server)\n"
+          f"TensorFlow Library: {tf.__version__}")
 
 
 if __name__ == "__main__":

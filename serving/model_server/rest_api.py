@@ -1,7 +1,9 @@
-"""TF Serving's REST API (status, metadata, predict) over a ServableManager.
+"""TF Serving's REST API (status, metadata, predict, classify, regress) over a ServableManager.
 
 Request and response formats follow TF Serving's documentation: "instances" (row format)
-or "inputs" (columnar format) in, "predictions" or "outputs" out, {"b64": ...} for bytes.
+or "inputs" (columnar format) in, "predictions" or "outputs" out, {"b64": ...} for bytes;
+"examples" (and an optional "context") of tf.Example features in for classify and regress,
+"results" out.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import threading
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2
+from tensorflow.core.example import example_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, input_pb2
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
+from serving.model_server import inference
+from serving.model_server.options import ServerOptions
 from serving.model_server.servables import ServableManager, ServingError
 from serving.tfserving.versions import STATE_NAMES
 
@@ -24,14 +29,19 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION":
 
 
 MANAGER = "servable_manager"  # the app.extensions key of the ServableManager it serves
+OPTIONS = "server_options"
 api = Blueprint("tf_serving_rest", __name__)
 
 
-def create_rest_app(manager: ServableManager, prometheus_path: str | None = None) -> Flask:
+def create_rest_app(manager: ServableManager, options: ServerOptions | None = None) -> Flask:
+    options = options or ServerOptions()
     app = Flask("scribe_model_server_rest")
     app.extensions[MANAGER] = manager
-    if prometheus_path:
-        app.add_url_rule(prometheus_path, "prometheus", prometheus)
+    app.extensions[OPTIONS] = options
+    if options.prometheus_path:
+        app.add_url_rule(options.prometheus_path, "prometheus", prometheus)
+    if options.rest_cors:
+        app.after_request(allow_any_origin)
     app.register_error_handler(ServingError, serving_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, internal_error)
@@ -41,6 +51,14 @@ def create_rest_app(manager: ServableManager, prometheus_path: str | None = None
 
 def manager() -> ServableManager:
     return current_app.extensions[MANAGER]
+
+
+def allow_any_origin(response):
+    """--rest_api_enable_cors_support, as TF Serving answers: any origin."""
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+    return response
 
 
 def prometheus():
@@ -90,8 +108,79 @@ def metadata(name, version=None, label=None):
 @api.post("/v1/models/<name>/versions/<int:version>:predict")
 @api.post("/v1/models/<name>/labels/<label>:predict")
 def predict(name, version=None, label=None):
-    with manager().counted_predict(name, "REST"):  # every request counted, whatever fails
+    with manager().counted(name, "Predict", "REST"):  # every request counted, whatever fails
         return _predict(name, version, label)
+
+
+@api.post("/v1/models/<name>:classify")
+@api.post("/v1/models/<name>/versions/<int:version>:classify")
+@api.post("/v1/models/<name>/labels/<label>:classify")
+def classify(name, version=None, label=None):
+    result = on_examples("Classify", inference.run_classification, name, version, label)
+    return jsonify(results=[[[c.label, c.score] for c in row.classes] for row in result.classifications])
+
+
+@api.post("/v1/models/<name>:regress")
+@api.post("/v1/models/<name>/versions/<int:version>:regress")
+@api.post("/v1/models/<name>/labels/<label>:regress")
+def regress(name, version=None, label=None):
+    result = on_examples("Regress", inference.run_regression, name, version, label)
+    return jsonify(results=[r.value for r in result.regressions])
+
+
+def on_examples(api: str, run, name: str, version: int | None, label: str | None):
+    """Classify or Regress: `run` on the body's examples, counted in TF Serving's metrics."""
+    with manager().counted(name, api, "REST"):
+        body, servable = _json_object(), manager().servable(name, version, label)
+        return run(servable, _signature_name(body), examples_input(body),
+                   current_app.extensions[OPTIONS].method_name_check)
+
+
+def _signature_name(body: dict) -> str:
+    name = body.get("signature_name", "")
+    if not isinstance(name, str):
+        raise ServingError("INVALID_ARGUMENT", "'signature_name' must be a string")
+    return name
+
+
+def examples_input(body: dict):
+    """{"examples": [{feature: value}, ...], "context": {...}} -> tensorflow.serving.Input."""
+    examples = body.get("examples")
+    if not isinstance(examples, list) or not examples:
+        raise ServingError("INVALID_ARGUMENT", "'examples' must be a non-empty list of objects")
+    request_input = input_pb2.Input()
+    if "context" in body:
+        listed = request_input.example_list_with_context
+        listed.context.CopyFrom(json_example(body["context"]))
+    else:
+        listed = request_input.example_list
+    for example in examples:
+        listed.examples.add().CopyFrom(json_example(example))
+    return request_input
+
+
+def json_example(features) -> example_pb2.Example:
+    """One tf.Example from JSON, as TF Serving reads it: numbers with a fraction (or any among
+    integers) as floats, integers as int64s, strings and {"b64": ...} as bytes."""
+    if not isinstance(features, dict):
+        raise ServingError("INVALID_ARGUMENT", "an example must be a JSON object of features")
+    example = example_pb2.Example()
+    for key, value in features.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, dict) and set(v) != {"b64"} for v in values):
+            raise ServingError("INVALID_ARGUMENT", f"feature '{key}': an object must be {{\"b64\": ...}}")
+        feature = example.features.feature[key]
+        if all(isinstance(v, (str, dict)) for v in values):
+            feature.bytes_list.value.extend(_decode(v) if isinstance(v, dict) else v.encode()
+                                            for v in values)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            feature.int64_list.value.extend(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            feature.float_list.value.extend(values)
+        else:
+            raise ServingError("INVALID_ARGUMENT", f"feature '{key}': values must be all numbers "
+                               "or all strings")
+    return example
 
 
 def _predict(name, version, label):
@@ -191,9 +280,28 @@ def _outputs_to_rows(outputs: dict[str, np.ndarray]):
     return [{key: column[i] for key, column in columns.items()} for i in range(batch)]
 
 
-def start_rest_server(manager: ServableManager, port: int, host: str = "0.0.0.0",
-                      prometheus_path: str | None = None):
-    """Serve the REST API in a background thread. Returns the server and its port."""
-    server = make_server(host, port, create_rest_app(manager, prometheus_path), threaded=True)
+class TimedRequestHandler(WSGIRequestHandler):
+    """A connection that sends or reads nothing for `timeout` seconds is closed."""
+
+    timeout = 30.0
+
+
+def start_rest_server(manager: ServableManager, options: ServerOptions):
+    """Serve the REST API in a background thread: at most rest_threads requests at once, each
+    connection closed after rest_timeout_seconds without progress. Returns the server and its
+    port."""
+    handler = type("RestRequestHandler", (TimedRequestHandler,), {"timeout": options.rest_timeout_seconds})
+    app = at_most(options.rest_threads, create_rest_app(manager, options))
+    server = make_server(options.host, options.rest_port, app, threaded=True, request_handler=handler)
     threading.Thread(target=server.serve_forever, name="rest-api", daemon=True).start()
     return server, server.server_port
+
+
+def at_most(count: int, app):
+    """The WSGI app, run for at most `count` requests at once (--rest_api_num_threads)."""
+    slots = threading.BoundedSemaphore(max(1, count))
+
+    def limited(environ, start_response):
+        with slots:
+            return app(environ, start_response)
+    return limited

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config.file_system_storage_path_source_pb2 import (
     FileSystemStoragePathSourceConfig,
 )
 
+from serving.model_server.options import ServerOptions
 from serving.tfserving.batching import DynamicBatcher, QueueFull
-from serving.tfserving.configs import read_model_config
+from serving.tfserving.configs import read_batching_parameters, read_model_config
 from serving.tfserving.protos import ModelConfig, ModelServerConfig
 from serving.tfserving.session import first_line, load_session, read_signature_defs
 from serving.tfserving.tensors import from_proto
@@ -38,6 +41,7 @@ from serving.tfserving.versions import (
 )
 
 log = logging.getLogger("scribe.model_server")
+BATCHING_FILE = Path("assets.extra") / "batching_params.pbtxt"  # a version's own BatchingParameters
 
 
 
@@ -62,11 +66,17 @@ class Servable:
 
     def __post_init__(self):
         # What each run needs from the signature, worked out once instead of on every request:
-        # the output names and tensors, and each input's tensor and dtype.
-        self._plans = {
-            name: (list(spec.outputs), [t.name for t in spec.outputs.values()],
-                   {key: (t.name, tf.dtypes.as_dtype(t.dtype)) for key, t in spec.inputs.items()})
-            for name, spec in self.signature_defs.items()}
+        # the output names and tensors, each input's tensor and dtype, and a callable that runs
+        # them. Like TF Serving's C++ session, the callable does not hold a feed to the static
+        # shape of its placeholder (x of shape [3] runs where the graph says (None, 1)), and it
+        # costs less per run than Session.run.
+        self._plans = {}
+        for name, spec in self.signature_defs.items():
+            feeds = {key: (t.name, tf.dtypes.as_dtype(t.dtype)) for key, t in sorted(spec.inputs.items())}
+            fetches = [t.name for t in spec.outputs.values()]
+            runner = self.session._make_callable_from_options(config_pb2.CallableOptions(
+                feed=[tensor for tensor, _ in feeds.values()], fetch=fetches))
+            self._plans[name] = (list(spec.outputs), runner, feeds)
 
     def enable_batching(self, parameters: dict) -> None:
         """Batch the signatures whose every input and output has a batch dimension (digits and
@@ -122,9 +132,9 @@ class Servable:
         return {key: outputs[key] for key in wanted}
 
     def _run(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, fetches, feeds = self._plans[signature]
+        names, runner, feeds = self._plans[signature]
         try:
-            values = self.session.run(fetches, {feeds[key][0]: value for key, value in inputs.items()})
+            values = runner(*(as_feed(inputs[key], dtype) for key, (_, dtype) in feeds.items()))
         except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", first_line(exc)) from None
         except tf.errors.OpError as exc:  # keep TensorFlow's own code: RESOURCE_EXHAUSTED, ...
@@ -140,6 +150,8 @@ class VersionState:
     state: int
     error: str = ""
     mtime: float = 0.0
+    tries: int = 0  # failed loads of this version as it is on disk
+    retry_at: float = 0.0  # monotonic time of the next try, while tries are left
 
 
 @dataclass
@@ -151,7 +163,15 @@ class ModelEntry:
 
     def loaded_from_base_path(self) -> set[int]:
         """The loaded versions that come from the current base path (not an old one it moved from)."""
-        return {v for v, s in self.loaded.items() if s.path == self.base_path / str(v)}
+        return {v for v, s in self.loaded.items() if s.path.parent == self.base_path}
+
+
+def as_feed(value, dtype) -> np.ndarray:
+    """An input as the numpy array its tensor takes (checked by _check_input already)."""
+    if dtype == tf.string:
+        value = np.asarray(value)
+        return value if value.dtype.kind in "SO" else np.char.encode(value, "utf-8")
+    return np.asarray(value, dtype=dtype.as_numpy_dtype)
 
 
 def _check_input(key: str, value: np.ndarray, wanted) -> None:
@@ -176,26 +196,31 @@ def _check_input(key: str, value: np.ndarray, wanted) -> None:
         raise ServingError("INVALID_ARGUMENT", f"input '{key}' must be {problem}, got {given}")
 
 
-def load_servable(name: str, version: int, path: Path, batching: dict | None = None,
-                  warmup_iterations: int = 1) -> Servable:
+def load_servable(name: str, version: int, path: Path, options: ServerOptions | None = None) -> Servable:
     """Load a SavedModel and run each of its warmup records (if any) `warmup_iterations` times
     (TF Serving's --num_request_iterations_for_warmup) before it takes traffic. One run of each
     builds TensorFlow's executors; repeated runs also let the executor learn from measured costs
     which ops to run inline rather than hand to the inter-op pool, so that the first requests
     after a load are as fast as the later ones (docs/benchmarks.md)."""
+    options = options or ServerOptions()
     signature_defs = read_signature_defs(path)
-    servable = Servable(name, version, path, load_session(path), signature_defs)
+    session = load_session(path, options.saved_model_tags, options.session_config)
+    servable = Servable(name, version, path, session, signature_defs)
+    batching = options.batching
+    own = path / BATCHING_FILE
+    if batching is not None and options.per_model_batching and own.is_file():
+        batching = read_batching_parameters(own)  # --enable_per_model_batching_parameters
     if batching is not None:
         servable.enable_batching(batching)
     warmup = path / WARMUP_FILE
     try:
-        if warmup.exists():
+        if options.warmup and warmup.exists():
             for record in tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator():
                 entry = prediction_log_pb2.PredictionLog.FromString(record)
                 if entry.WhichOneof("log_type") == "predict_log":
                     request = entry.predict_log.request
                     inputs = {k: from_proto(v) for k, v in request.inputs.items()}
-                    for _ in range(max(1, warmup_iterations)):
+                    for _ in range(max(1, options.warmup_iterations)):
                         servable.predict(request.model_spec.signature_name, inputs)
     except BaseException:  # a failed warmup fails the load: leave no session behind
         servable.close()
@@ -207,15 +232,14 @@ def load_servable(name: str, version: int, path: Path, batching: dict | None = N
 class ServableManager:
     """Keeps the versions that each model's version policy asks for loaded."""
 
-    def __init__(self, config: ModelServerConfig,
-                 base_path_map: dict[str, str] | None = None, poll_seconds: float = 1.0,
-                 config_file: str | Path | None = None, config_poll_seconds: float = 0,
-                 batching: dict | None = None, warmup_iterations: int = 1):
-        self.poll_seconds = poll_seconds
-        self.batching = batching  # TF Serving's BatchingParameters, or None: no batching
-        self.warmup_iterations = warmup_iterations  # runs of each warmup record per load
+    def __init__(self, config: ModelServerConfig, base_path_map: dict[str, str] | None = None,
+                 options: ServerOptions | None = None, **changes):
+        """`options` (by default ServerOptions()) with `changes` to its fields."""
+        self.options = dataclasses.replace(options or ServerOptions(), **changes)
+        self.poll_seconds = self.options.poll_seconds
         self.base_path_map = base_path_map
-        self.config_file, self.config_poll_seconds = config_file, config_poll_seconds
+        self.config_file = self.options.config_file
+        self.config_poll_seconds = self.options.config_poll_seconds
         self._config_checked = time.monotonic()
         self._lock = threading.Lock()  # guards loaded/states against the request threads
         self._reconcile_lock = threading.RLock()  # one poll or config change at a time
@@ -226,16 +250,19 @@ class ServableManager:
         self.first_poll_done = threading.Event()
         self.metrics = ServerMetrics()
         self.models: dict[str, ModelEntry] = {}
-        self.apply_config(config)
+        self.apply_config(config, first=True)
 
-    def apply_config(self, config: ModelServerConfig) -> None:
+    def apply_config(self, config: ModelServerConfig, first: bool = False) -> None:
         """Serve the models `config` lists: new ones are added, removed ones dropped, changed
         base paths, policies or labels take effect from the next poll. A model whose base path
         changed keeps serving the versions it loaded from the old one until the policy's versions
         from the new one load; while none of those can load (or the new path has none yet), the
-        newest of them stays."""
+        newest of them stays. Unless `first` or labels_for_unavailable_versions, a label must
+        name a version that is AVAILABLE (a ValueError otherwise, and nothing changes)."""
         wanted = {m.name: m for m in config.model_config_list.config}
         with self._reconcile_lock, self._lock:  # never in the middle of a poll
+            if not first and not self.options.labels_for_unavailable_versions:
+                self._check_labels(wanted)
             for name in list(self.models):
                 if name not in wanted:
                     del self.models[name]
@@ -252,6 +279,15 @@ class ServableManager:
                     entry.base_path = base  # what failed or went under the old path is forgotten
                     entry.states = {v: VersionState(AVAILABLE) for v in entry.loaded}
 
+    def _check_labels(self, wanted: dict) -> None:
+        for name, model in wanted.items():
+            entry = self.models.get(name)
+            for label, version in model.version_labels.items():
+                if entry is None or version not in entry.loaded:
+                    raise ValueError(f"Request to assign label {label} to version {version} of "
+                                     f"model {name}, which is not currently available for "
+                                     "inference")
+
     def _reload_config_if_due(self) -> None:
         if not self.config_file or time.monotonic() - self._config_checked < self.config_poll_seconds:
             return
@@ -264,8 +300,9 @@ class ServableManager:
 
     # -- lookups used by the APIs ------------------------------------------------------
     @contextlib.contextmanager
-    def counted_predict(self, name: str, entrypoint: str):
-        """Count the Predict call run inside (entrypoint GRPC or REST) in TF Serving's metrics,
+    def counted(self, name: str, api: str, entrypoint: str):
+        """Count the call run inside (`api` Predict, Classify, ...; entrypoint GRPC or REST) in
+        TF Serving's metrics,
         whatever it raises: OK, a ServingError's code, or INTERNAL. It is labelled with the model
         it asked for; names the config does not list count as "unknown", so that made-up names
         cannot mint time series without bound."""
@@ -277,8 +314,8 @@ class ServableManager:
             status = error.code
             raise
         finally:
-            self.metrics.observe(name if name in self.models else "unknown", entrypoint, status,
-                                 time.perf_counter() - started)
+            self.metrics.observe(name if name in self.models else "unknown", api, entrypoint,
+                                 status, time.perf_counter() - started)
 
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
         entry = self.models.get(name)
@@ -339,6 +376,13 @@ class ServableManager:
             time.sleep(0.05)
         return False
 
+    def first_pass(self) -> None:
+        """Load what the config's models have on disk now, before anything else runs."""
+        try:
+            self.poll_once()
+        finally:
+            self.first_poll_done.set()
+
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
             try:
@@ -359,9 +403,8 @@ class ServableManager:
     def _reconcile(self, entry: ModelEntry) -> None:
         name = entry.config.name
         on_disk = modified_versions(entry.base_path)
-        loadable = {v: mtime for v, mtime in on_disk.items()
-                    if not (v in entry.states and entry.states[v].error
-                            and entry.states[v].mtime == mtime)}
+        loadable = {v: mtime for v, (mtime, _) in on_disk.items()
+                    if v not in entry.states or self._may_try(entry.states[v], mtime)}
         policy = entry.config.model_version_policy
         failed = set()
         while True:  # the policy over the versions that can load; again after a load fails
@@ -370,7 +413,7 @@ class ServableManager:
             if not new:
                 break  # every wanted version is serving
             for version in new:
-                if not self._load(entry, version, on_disk[version]):
+                if not self._load(entry, version, *on_disk[version]):
                     failed.add(version)
         # Unload only what is no longer wanted, once what is wanted serves. As TF Serving's
         # availability-preserving policy: while the policy picks versions on disk but none of them
@@ -392,20 +435,32 @@ class ServableManager:
                             if v not in on_disk and v not in entry.loaded and s.state != END]:
                 entry.states[version] = VersionState(END)
 
-    def _load(self, entry: ModelEntry, version: int, mtime: float) -> bool:
-        """Load one version and run its warmup records; False (and the error in its status) if
-        that failed. A version of the same number from an old base path serves until then."""
-        name, path = entry.config.name, entry.base_path / str(version)
+    def _may_try(self, state: VersionState, mtime: float) -> bool:
+        """Whether a version may load: it never failed as it is on disk, or a retry is due
+        (TF Serving's --max_num_load_retries, --load_retry_interval_micros)."""
+        if not state.error or state.mtime != mtime:
+            return True
+        return state.tries <= self.options.max_load_retries and time.monotonic() >= state.retry_at
+
+    def _load(self, entry: ModelEntry, version: int, mtime: float, path: Path) -> bool:
+        """Load one version from `path` and run its warmup records; False (and the error in its
+        status) if that failed. A version of the same number from an old base path serves until
+        then."""
+        name = entry.config.name
         replaced = entry.loaded.get(version)
+        before = entry.states.get(version)
+        tries = before.tries if before and before.error and before.mtime == mtime else 0
         with self._lock:
             entry.states[version] = VersionState(AVAILABLE if replaced else LOADING, mtime=mtime)
         try:
-            servable = load_servable(name, version, path, self.batching, self.warmup_iterations)
+            servable = load_servable(name, version, path, self.options)
         except Exception as exc:
             message = f"Failed to load version {version} of {name} from {path}: {first_line(exc)}"
             log.error(message)
             with self._lock:
-                entry.states[version] = VersionState(AVAILABLE if replaced else END, message, mtime)
+                entry.states[version] = VersionState(
+                    AVAILABLE if replaced else END, message, mtime, tries + 1,
+                    time.monotonic() + self.options.load_retry_seconds)
             return False
         with self._lock:
             entry.loaded[version] = servable
@@ -432,13 +487,13 @@ class ServerMetrics:
         self._counts: dict[tuple[str, str], int] = {}
         self._latency: dict[tuple[str, str, str], list] = {}  # [per-bucket counts, sum]
 
-    def observe(self, model: str, entrypoint: str, status: str, seconds: float) -> None:
+    def observe(self, model: str, api: str, entrypoint: str, status: str, seconds: float) -> None:
         with self._lock:
             self._counts[model, status] = self._counts.get((model, status), 0) + 1
             if status != "OK":
                 return
             micros = int(seconds * 1e6)
-            cell = self._latency.setdefault((model, "Predict", entrypoint),
+            cell = self._latency.setdefault((model, api, entrypoint),
                                             [[0] * (len(self.BUCKETS) + 1), 0])
             cell[0][bisect.bisect_right(self.BUCKETS, micros)] += 1  # TF: first limit above it
             cell[1] += micros
@@ -480,12 +535,12 @@ def map_base_path(base_path: str, mapping: dict[str, str] | None) -> Path:
     return Path(base_path)
 
 
-def modified_versions(base: Path) -> dict[int, float]:
-    """The complete versions under `base`: {version: when its graph was written}."""
+def modified_versions(base: Path) -> dict[int, tuple[float, Path]]:
+    """The complete versions under `base`: {version: (when its graph was written, its folder)}."""
     found = {}
     for version, path in version_folders(base).items():
         with contextlib.suppress(OSError):  # removed since the scan
-            found[version] = (path / GRAPH_FILE).stat().st_mtime
+            found[version] = (path / GRAPH_FILE).stat().st_mtime, path
     return found
 
 

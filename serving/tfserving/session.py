@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.saved_model import loader_impl
 
 
 def first_line(exc: Exception) -> str:
@@ -29,18 +30,23 @@ def read_signature_defs(path: Path) -> dict:
     return {name: defs[name] for name in defs if not name.startswith("__")}
 
 
-def load_session(path: Path):
+def load_session(path: Path, tags: tuple[str, ...] = ("serve",), config: bytes | None = None):
     """The SavedModel in a TF1 session, the way TF Serving loads it (SavedModelBundle): a run
     costs about half the CPU of calling the restored signature function eagerly, and every export
     is already checked through this loader by `saved_model_cli run`. The session uses this
-    process's thread settings (configure_threads). Nothing closes it: requests still running on
+    process's thread settings (configure_threads) unless `config`, a serialized ConfigProto,
+    sets them. Nothing closes it: requests still running on
     an unloaded version keep it alive until they end, and garbage collection closes it after
     them."""
     graph = tf.Graph()
-    config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
-        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
-    session = tf.compat.v1.Session(graph=graph, config=config)
+    session_config = tf.compat.v1.ConfigProto.FromString(config or b"")
+    if not session_config.intra_op_parallelism_threads:
+        session_config.intra_op_parallelism_threads = tf.config.threading.get_intra_op_parallelism_threads()
+    if not session_config.inter_op_parallelism_threads:
+        session_config.inter_op_parallelism_threads = tf.config.threading.get_inter_op_parallelism_threads()
+    session = tf.compat.v1.Session(graph=graph, config=session_config)
     with graph.as_default():
-        tf.compat.v1.saved_model.loader.load(session, [tf.saved_model.SERVING], str(path))
+        # The class behind tf.compat.v1.saved_model.load, without that function's deprecation
+        # warning: TF Serving's session path is this one.
+        loader_impl.SavedModelLoader(str(path)).load(session, list(tags))
     return session

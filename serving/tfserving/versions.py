@@ -22,12 +22,17 @@ STATE_NAMES = {START: "START", LOADING: "LOADING", AVAILABLE: "AVAILABLE", UNLOA
 
 
 def version_folders(base: Path) -> dict[int, Path]:
-    """The complete versions under `base`: {version: its folder}."""
+    """The complete versions under `base`: {version: its folder}. A folder's name is its version
+    in decimal, leading zeros allowed (`00000123` is version 123, as TF Serving reads it); of two
+    folders of one version, the shorter name wins."""
     base = Path(base)
     if not base.is_dir():
         return {}
-    return {int(path.name): path for path in base.iterdir()
-            if path.name.isdigit() and (path / GRAPH_FILE).is_file()}
+    found: dict[int, Path] = {}
+    for path in sorted(base.iterdir(), key=lambda p: (len(p.name), p.name), reverse=True):
+        if path.name.isascii() and path.name.isdigit() and (path / GRAPH_FILE).is_file():
+            found[int(path.name)] = path
+    return found
 
 
 def pushed_versions(base: Path) -> list[int]:
