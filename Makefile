@@ -14,14 +14,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Scribe needs Python >= 3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[tensorflow,dev]'
+	$(PY) -m pip uninstall --quiet --yes tensorflow 2>/dev/null || true  # a venv from before the CPU build
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt tensorflow-serving-api
 	touch $@
 
 # Train every model that has no pushed version yet (cpu profile), into models/.
 train: install
 	$(PY) -m training missing --profile cpu
 
-run: train
+# Serve at once, and train beside it whatever model has no version yet: the page reads drawings
+# as soon as digits is pushed, and writes once bard is (the model server picks up new versions by
+# itself). Ctrl-C stops both; a push is atomic, so an interrupted training leaves no version.
+# (A background job of a script ignores SIGINT, so the trap stops the trainer with SIGTERM.)
+TRAIN_ARGS ?= --profile cpu
+run: install
+	@$(PY) -m training missing $(TRAIN_ARGS) & trainer=$$!; \
+	trap 'kill $$trainer 2>/dev/null; wait $$trainer 2>/dev/null' EXIT INT TERM; \
 	$(PY) -m serving
 
 test: install

@@ -135,6 +135,27 @@ def test_generated_text_streams_into_the_page_and_equals_the_api_text(streaming_
     page.screenshot(path=SHOTS / "05-generated.png")
 
 
+def test_the_seed_the_page_shows_reproduces_its_text(page, gateway):
+    """A random seed is one a JavaScript number holds exactly: the seed the page shows for a
+    generation asked without one gives the same text again, through the API and through the
+    page."""
+    page.get_by_test_id("prompt").fill("KING:")
+    page.get_by_test_id("max-chars").fill("120")
+    page.get_by_test_id("seed").fill("")
+    page.get_by_test_id("generate").click()
+    status = page.get_by_test_id("text-status").filter(has_text="Written by bard v1")
+    status.wait_for()
+    seed = int(status.text_content().split("seed ")[1].rstrip("."))
+    shown = page.get_by_test_id("generated-text").text_content()
+    again = requests.post(gateway.url + "/v1/text/generate", timeout=60, json={
+        "prompt": "KING:", "max_chars": 120, "temperature": 0.8, "seed": seed}).json()
+    assert again["text"] == shown and again["seed"] == seed
+    page.get_by_test_id("seed").fill(str(seed))
+    page.get_by_test_id("generate").click()
+    page.get_by_test_id("text-status").filter(has_text=f"seed {seed}.").wait_for()
+    assert page.get_by_test_id("generated-text").text_content() == shown
+
+
 def test_stop_cancels_a_generation(browser, trained, trained_bard, tmp_path):
     from conftest import copy_model_base
 
@@ -175,6 +196,32 @@ def test_phone_width_and_unavailable_model_are_shown(browser, trained):
         focused = page.evaluate("document.activeElement.dataset.testid")
         assert focused in ("clear", "upload", "digit-canvas")
         page.screenshot(path=SHOTS / "07-phone.png", full_page=True)
+        page.close()
+    finally:
+        live.close()
+
+
+def test_a_model_pushed_while_the_page_is_open_appears_by_itself(browser, trained, trained_bard, tmp_path):
+    """make run serves as soon as digits has a version and trains bard meanwhile: the page says
+    bard is not there yet, then shows it, and writes, without a reload or a restart."""
+    from conftest import copy_model_base
+
+    from training.push import push_version
+
+    base = copy_model_base(trained, tmp_path / "models")
+    live = LiveGateway(base)
+    try:
+        live.wait_for_model("digits")
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(live.url + "/")
+        page.get_by_test_id("models").filter(has_text="bard: not available yet").wait_for()
+        push_version(trained_bard.version_dir, base / "bard")
+        page.get_by_test_id("models").filter(has_text="bard v1").wait_for(timeout=60_000)
+        page.get_by_test_id("prompt").fill("ROMEO:")
+        page.get_by_test_id("max-chars").fill("40")
+        page.get_by_test_id("generate").click()
+        page.get_by_test_id("text-status").filter(has_text="Written by bard v1").wait_for()
+        assert len(page.get_by_test_id("generated-text").text_content()) == 40
         page.close()
     finally:
         live.close()

@@ -95,6 +95,12 @@ def test_without_a_seed_the_response_says_which_seed_was_used(gateway):
     assert again["text"] == body["text"]
 
 
+def test_random_seeds_are_integers_every_json_client_holds_exactly(gateway):
+    seeds = [generate(gateway, prompt="Love", max_chars=1).json()["seed"] for _ in range(20)]
+    assert all(isinstance(seed, int) and 0 <= seed <= 2**53 - 1 for seed in seeds)
+    assert len(set(seeds)) == 20  # random, not one fixed value
+
+
 def test_streamed_chunks_join_into_the_one_call_text(gateway):
     params = {"prompt": "When I do count", "max_chars": 300, "temperature": 0.9, "top_k": 10, "seed": 5}
     whole = generate(gateway, **params).json()["text"]

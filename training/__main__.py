@@ -56,6 +56,8 @@ def flags() -> argparse.ArgumentParser:
     missing = sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
     missing.add_argument("--profile", choices=("quick", "cpu", "gpu"), default="cpu",
                          help="the profile both models train with (default: cpu)")
+    missing.add_argument("--data", default="auto", help="digits' data, as for the digits command")
+    missing.add_argument("--corpus", default="auto", help="bard's corpus, as for the bard command")
     return parser
 
 
@@ -84,8 +86,9 @@ def train_missing(jobs: dict, args: argparse.Namespace) -> int:
         if version is not None:
             print(f"{name}: version {version} already pushed under {args.model_base / name}")
             continue
-        code = reported(name, lambda job=job: job.run(args.profile, "auto", args.model_base,
-                                                      args.runs_dir))
+        source = args.data if name == "digits" else args.corpus
+        code = reported(name, lambda job=job, source=source: job.run(args.profile, source, args.model_base,
+                                                                     args.runs_dir))
         if code != EXIT_PUSHED:
             failures.append((name, code))
     for name, code in failures:

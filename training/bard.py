@@ -10,7 +10,6 @@ server call returns a whole continuation, and a second signature continues from 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +101,17 @@ def generation_inputs(rows: int, max_chars: int, temperature: float = 0.8, top_k
 
 def evaluate_saved_model(export_dir: Path, text: str, chunk: int = 1000) -> float:
     """Nats per character that a SavedModel's `score` signature assigns to `text`, read in
-    chunks of `chunk` characters: what the served version would assign."""
-    import tensorflow as tf
+    chunks of `chunk` characters, through the session loader a model server uses: what the
+    served version would assign."""
+    from serving.tfserving.session import SavedModelSession
 
-    score = tf.saved_model.load(str(export_dir)).signatures["score"]
+    model = SavedModelSession(export_dir)
     pieces = [text[i:i + chunk + 1] for i in range(0, len(text) - 1, chunk)]
     total = weight = 0.0
     for i in range(0, len(pieces), 64):
         batch = pieces[i:i + 64]
-        nats = score(text=tf.constant([p.encode("utf-8") for p in batch]))["nats_per_char"].numpy()
+        nats = model.run("score", {"text": np.array([p.encode("utf-8") for p in batch], dtype=object)})[
+            "nats_per_char"]
         sizes = np.array([len(p) - 1 for p in batch], dtype=np.float64)
         total += float((nats * sizes).sum())
         weight += float(sizes.sum())
@@ -142,12 +143,12 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     schedule = keras.optimizers.schedules.CosineDecay(cfg["lr"], cfg["steps"], alpha=0.1)
     model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    clock = TrainingClock()
+    clock = TrainingClock(NAME, cfg["eval_every"])
     history = model.fit(
         sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
         steps_per_epoch=cfg["eval_every"], epochs=cfg["steps"] // cfg["eval_every"],
         validation_data=sequences(val_ids, cfg["seq_len"], 256, shuffle=False), shuffle=False,
-        verbose=1 if sys.stdout.isatty() else 2,
+        verbose=2,  # a line per interval: make run's server logs into the same terminal
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
     plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
 
@@ -180,12 +181,11 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
 
 
 def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -> str:
-    import tensorflow as tf
+    from serving.tfserving.session import SavedModelSession
 
-    generate = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    inputs = {k: tf.constant(v) for k, v in generation_inputs(1, chars, seed=1).items()}
-    out = generate(prompt=tf.constant([prompt]), **inputs)
-    return prompt.decode() + out["text"].numpy()[0].decode("utf-8")
+    out = SavedModelSession(export_dir).run("serving_default", {
+        "prompt": np.array([prompt], dtype=object), **generation_inputs(1, chars, seed=1)})
+    return prompt.decode() + out["text"][0].decode("utf-8")
 
 
 def plot_curves(history: dict, steps_per_point: int, path: Path) -> None:

@@ -11,11 +11,17 @@ import numpy as np
 
 class TrainingClock(keras.callbacks.Callback):
     """Seconds spent in training steps only: the validation pass at each epoch end is not counted,
-    so images or characters per second do not depend on how often or how much is validated."""
+    so images or characters per second do not depend on how often or how much is validated.
+    With `name`, it also prints after each epoch how far training is and about how long is left
+    (from the wall time so far, validation included)."""
 
-    def __init__(self):
+    def __init__(self, name: str = "", steps_per_epoch: int = 0):
         super().__init__()
         self.seconds, self.at_epoch_end, self._since = 0.0, [], None
+        self.name, self.steps_per_epoch, self._started = name, steps_per_epoch, None
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._since = time.perf_counter()
@@ -31,6 +37,12 @@ class TrainingClock(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._stop()
         self.at_epoch_end.append(round(self.seconds, 2))
+        epochs = self.params.get("epochs") or 0
+        if self.name and self._started is not None and epochs:
+            done, wall = epoch + 1, time.perf_counter() - self._started
+            print(f"{self.name}: step {done * self.steps_per_epoch:,} of {epochs * self.steps_per_epoch:,} "
+                  f"({done / epochs:.0%}) in {wall / 60:.1f} min, about "
+                  f"{wall / done * (epochs - done) / 60:.1f} min left", flush=True)
 
 
 class TestAccuracyCurve(keras.callbacks.Callback):
@@ -42,6 +54,8 @@ class TestAccuracyCurve(keras.callbacks.Callback):
         self.x, self.y, self.steps_per_epoch, self.points = x, y, steps_per_epoch, []
 
     def on_epoch_end(self, epoch, logs=None):
-        predictions = self.model.predict(self.x, batch_size=500, verbose=0)
+        from training.digits import batches  # a Dataset: see batches
+
+        predictions = self.model.predict(batches(self.x), verbose=0)
         accuracy = float(np.mean(np.argmax(predictions, axis=1) == self.y))
         self.points.append({"step": (epoch + 1) * self.steps_per_epoch, "test_accuracy": accuracy})

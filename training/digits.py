@@ -17,7 +17,6 @@ Profiles (every figure on the official 10,000 MNIST test digits is in docs/bench
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +118,18 @@ def augment(images, seed: int):
         x = tf.where(choice == 0, thicker, tf.where(choice == 1, thinner, x))
         return tf.clip_by_value(x[..., 0], 0.0, 1.0), y
 
-    return images.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    # Sequential: the run enables op determinism, under which TensorFlow 2.19 rewrites a parallel
+    # map into a sequential one anyway, and logs an error-level line about an attribute the
+    # rewritten op does not know (use_unbounded_threadpool).
+    return images.map(apply)
+
+
+def batches(*arrays, size: int = 500):
+    """Arrays as a batched tf.data.Dataset, for Keras: given numpy arrays, Keras slices them with
+    a parallel map, which op determinism rewrites with the error-level line above."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0]).batch(size)
 
 
 def inference_graph(model):
@@ -319,11 +329,12 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     model = build_model()
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    clock, curve = TrainingClock(), TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
+    clock = TrainingClock(NAME, settings["eval_every"])
+    curve = TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = model.fit(
         training_batches(splits, settings), steps_per_epoch=settings["eval_every"],
         epochs=settings["steps"] // settings["eval_every"],
-        validation_data=(splits.x_val, splits.y_val), shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
+        validation_data=batches(splits.x_val, splits.y_val), shuffle=False, verbose=2,
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])
     for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
         point["train_seconds"] = seconds

@@ -147,8 +147,10 @@ class Generator(tf.Module):
         # writes anything (max_chars 0) would stack an empty list, which TensorFlow refuses for
         # an element shape it does not know in full.
         written = written.write(steps, tf.zeros_like(max_chars))
-        return (tf.concat(final, axis=1),
-                tf.reshape(tf.transpose(written.stack())[:, :steps], [tf.shape(max_chars)[0], steps]))
+        # The ids are transposed as floats (exact below 2**24): oneDNN's rewrite of an integer
+        # transpose logs an error-level line ("supports DT_INT32 only on platforms with AVX-512").
+        by_row = tf.cast(tf.transpose(tf.cast(written.stack(), tf.float32)), tf.int32)
+        return tf.concat(final, axis=1), tf.reshape(by_row[:, :steps], [tf.shape(max_chars)[0], steps])
 
     # One character.
 

@@ -26,7 +26,10 @@ text = Blueprint("text", __name__)
 MAX_CHARS = (1, 2000)
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1000
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # what the model's int64 seed holds
+# Random seeds stay within what every JSON client holds exactly: JavaScript's numbers are exact
+# integers up to 2**53 - 1 only, and a page that showed a rounded seed could not reproduce its text.
+MAX_RANDOM_SEED = 2**53 - 1
 DEFAULTS = {"max_chars": 300, "temperature": 0.8, "top_k": 0}
 
 
@@ -163,7 +166,7 @@ def read_params(max_prompt_chars: int) -> dict:
     params["top_k"] = integer(body, "top_k", DEFAULTS["top_k"], 0, MAX_TOP_K)
     params["seed"] = integer(body, "seed", None, 0, MAX_SEED)
     if params["seed"] is None:
-        params["seed"] = secrets.randbelow(MAX_SEED)
+        params["seed"] = secrets.randbelow(MAX_RANDOM_SEED + 1)
     temperature = body.get("temperature", DEFAULTS["temperature"])
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise errors.bad_request("'temperature' must be a number")

@@ -4,25 +4,31 @@
 const $ = (id) => document.getElementById(id);
 
 // ---- Models: which versions answer, and whether each is available -------------------------
+// A model not available yet (still training, say) is looked for every few seconds, and appears
+// here by itself once a version is pushed; no reload needed.
 async function refreshModels() {
+  let waiting = true;
   try {
     const response = await fetch("/v1/models");
     const body = await response.json();
     $("models").innerHTML = "";
+    $("models").className = "";
     for (const model of body.models) {
       const span = document.createElement("span");
       span.textContent = model.available
-        ? `${model.name} v${model.serving_version} ` : `${model.name}: not available `;
+        ? `${model.name} v${model.serving_version} `
+        : `${model.name}: not available yet, it appears here once a version is pushed `;
       if (!model.available) span.className = "warn";
       $("models").appendChild(span);
     }
+    waiting = !body.models.every((model) => model.available);
   } catch (error) {
     $("models").textContent = "The model server cannot be reached.";
     $("models").className = "warn";
   }
+  setTimeout(refreshModels, waiting ? 3000 : 10000);
 }
 refreshModels();
-setInterval(refreshModels, 10000);
 
 // ---- Drawing -------------------------------------------------------------------------------
 const canvas = $("digit-canvas");
@@ -123,17 +129,25 @@ let controller = null;
 
 $("text-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (controller) controller.abort();
-  controller = new AbortController();
+  const output = $("generated-text");
+  const status = $("text-status");
   const body = {
     prompt: $("prompt").value,
     max_chars: Number($("max-chars").value),
     temperature: Number($("temperature").value),
     stream: true,
   };
-  if ($("seed").value !== "") body.seed = Number($("seed").value);
-  const output = $("generated-text");
-  const status = $("text-status");
+  if ($("seed").value !== "") {
+    // A JavaScript number holds integers exactly up to 2^53 - 1: a larger seed would be sent
+    // rounded, and would not give the text it names.
+    body.seed = Number($("seed").value);
+    if (!Number.isSafeInteger(body.seed) || body.seed < 0) {
+      status.textContent = `The seed must be a whole number from 0 to ${Number.MAX_SAFE_INTEGER}.`;
+      return;
+    }
+  }
+  if (controller) controller.abort();
+  controller = new AbortController();
   output.textContent = "";
   status.textContent = "Writing…";
   $("generate").disabled = true;
