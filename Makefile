@@ -6,7 +6,7 @@ PORT ?= 8080
 export PORT
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install train run test lint bench bench-accuracy clean
+.PHONY: install train run test lint bench bench-accuracy bench-first-drawing clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ bench: install
 # accuracy on the official test digits beside the talk's, written into docs/benchmarks.md.
 bench-accuracy: install
 	$(PY) bench/digits_accuracy.py
+
+# A new user's first minutes: a fresh clone of HEAD, `make run` with no cache, the first drawing read.
+bench-first-drawing: install
+	$(PY) bench/first_drawing.py
 
 lint: install
 	$(VENV)/bin/ruff check training serving client tests bench
