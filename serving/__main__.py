@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.gateway.config import Settings
+from serving.gateway.config import Settings, channel_target
 from serving.gateway.server import GatewayServer, WorkerHooks
 
 EMBEDDED_NEEDS_TENSORFLOW = (
@@ -107,9 +107,14 @@ def main() -> int:
     if not 0 < settings.client_timeout_seconds < 86_400:  # 0 would turn the kernel's timeout off
         raise SystemExit("SCRIBE_CLIENT_TIMEOUT_SECONDS must be above 0 and below a day")
     hooks = None
-    if not settings.model_server:
-        if not tensorflow_installed():
-            raise SystemExit(EMBEDDED_NEEDS_TENSORFLOW)
+    if settings.model_server:
+        try:
+            channel_target(settings.model_server)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    elif not tensorflow_installed():
+        raise SystemExit(EMBEDDED_NEEDS_TENSORFLOW)
+    else:
         hooks = EmbeddedModelServer()
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     print(f"Scribe gateway on http://{host}:{settings.port}", flush=True)

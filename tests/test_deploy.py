@@ -156,13 +156,27 @@ def test_trainers_write_where_tf_serving_reads(services):
 
 
 def test_ports_healthchecks_and_depends_on(services):
-    assert services["tfserving"]["ports"] == ["8500:8500", "8501:8501"]
-    assert services["gateway"]["ports"] == ["8080:8080"]
-    assert services["gateway"]["environment"]["SCRIBE_MODEL_SERVER"] == "tfserving:8500"
+    # `--scale tfserving=N --scale gateway=M`: neither binds a host port or names its container
+    for name in ("tfserving", "gateway"):
+        assert "ports" not in services[name] and "container_name" not in services[name], name
+    assert services["tfserving"]["expose"] == ["8500", "8501"]
+    assert services["gateway"]["environment"]["SCRIBE_MODEL_SERVER"] == "dns:///tfserving:8500"
     assert services["gateway"]["depends_on"] == {"tfserving": {"condition": "service_healthy"}}
+    assert services["proxy"]["ports"] == ["8080:8080"]
+    assert services["proxy"]["depends_on"] == ["gateway"]
     health = services["tfserving"]["healthcheck"]["test"]
     assert health[:3] == ["CMD", "bash", "-c"] and "curl" not in health[3]  # the image has no curl
     assert "HEALTHCHECK" in "\n".join(dockerfile_stages()["gateway"])
+
+
+def test_the_proxy_spreads_requests_over_every_gateway_and_holds_slow_clients(services):
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["proxy"]["volumes"]
+    assert "resolver 127.0.0.11" in conf  # Docker's DNS, read again: gateways added by --scale
+    assert re.search(r"set \$gateway http://gateway:8080;.*\n\s+proxy_pass \$gateway;", conf)
+    assert "proxy_request_buffering on;" in conf
+    assert f"client_max_body_size {Settings().max_body_bytes // 2**20}m;" in conf
+    assert "X-Accel-Buffering" in conf  # a stream asks the proxy not to hold it
 
 
 def test_tfserving_flags(services):
@@ -178,6 +192,8 @@ def test_tfserving_flags(services):
     assert int(flags["num_request_iterations_for_warmup"]) == Settings().warmup_iterations > 1
     assert flags["model_config_file_poll_wait_seconds"] == "60"  # docs/deployment.md's "re-read every 60 s"
     assert services["tfserving"]["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    # gateways reconnect, and so resolve the replicas again, at least every minute
+    assert flags["grpc_channel_arguments"] == "grpc.max_connection_age_ms=60000"
 
 
 def test_every_referenced_file_exists(services):

@@ -5,6 +5,7 @@ model server that `python -m serving` starts when SCRIBE_MODEL_SERVER is empty."
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: serving/gateway/conf
 NEEDS_A_MODEL_SERVER = (
     "the gateway needs a model server: set SCRIBE_MODEL_SERVER to a TF Serving gRPC address "
     "(host:port or unix:PATH), or run `python -m serving`, which starts the embedded one")
+
+
+def channel_target(target: str) -> str:
+    """SCRIBE_MODEL_SERVER as a gRPC target: one address (host:port, unix:PATH), a name for every
+    address it resolves to (dns:///tfserving:8500, as Docker's and Kubernetes' headless services
+    give them), or a comma-separated list of IP addresses with their ports."""
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    if len(addresses) < 2:
+        return target.strip()
+    try:
+        hosts = [ipaddress.ip_address(a.rsplit(":", 1)[0].strip("[]")) for a in addresses]
+    except ValueError:
+        raise ValueError(f"SCRIBE_MODEL_SERVER={target!r}: a list names IP addresses with ports; "
+                         "for host names use dns:///NAME:PORT") from None
+    if len({h.version for h in hosts}) > 1:
+        raise ValueError(f"SCRIBE_MODEL_SERVER={target!r}: IPv4 and IPv6 addresses cannot be mixed")
+    return f"ipv{hosts[0].version}:{','.join(addresses)}"
 
 
 # In the WSGI environ of the gateway's own warm-up requests (serving/gateway/app.py: warm_up_requests):
@@ -28,7 +46,9 @@ EXTENSION = "scribe"  # the app.extensions key of the app's Gateway (serving/gat
 class Settings:
     """Every field is read from the environment variable SCRIBE_<FIELD NAME> (PORT for port)."""
 
-    # TF Serving gRPC address (host:port, unix:PATH); empty: python -m serving starts the embedded one
+    # TF Serving's gRPC address: host:port, unix:PATH, dns:///NAME:PORT (every address the name
+    # resolves to) or IP:PORT,IP:PORT (calls spread over them, see model_client.py); empty:
+    # python -m serving starts the embedded one
     model_server: str = ""
     model_config: str = str(ROOT / "serving" / "models.config")
     model_dir: str = str(ROOT / "models")  # embedded server: local folder for /models base paths

@@ -3,9 +3,12 @@ Serving's messages from serving/tfserving/protos.py (no TensorFlow in the gatewa
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 
+from serving.gateway.config import channel_target
 from serving.tfserving import protos as api
 from serving.tfserving.tensors import MAX_MESSAGE_BYTES, from_proto, to_proto
 from serving.tfserving.versions import STATE_NAMES
@@ -19,14 +22,31 @@ from serving.tfserving.versions import STATE_NAMES
 RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 1000}
 
 
+# Several model servers behind one channel: gRPC's own round_robin policy spreads the calls over
+# every address the target names, and its retry policy sends a call that failed with UNAVAILABLE
+# before any server answered it (a server killed or restarting, a full batching queue) to another
+# server within the same deadline. Safe: Predict and GetModelStatus change nothing on the server.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "tensorflow.serving.PredictionService"},
+                 {"service": "tensorflow.serving.ModelService"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
 class ModelClient:
-    """One long-lived channel to the model server; every call has a deadline."""
+    """One long-lived channel to the model servers; every call has a deadline."""
 
     def __init__(self, target: str, timeout: float):
         self.target, self.timeout = target, timeout
-        self.channel = grpc.insecure_channel(target, options=[
+        self.channel = grpc.insecure_channel(channel_target(target), options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.service_config", SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
             *RECONNECT_BACKOFF_MS.items(),
         ])
         # The two methods the gateway calls, as TF Serving's generated stubs define them.
