@@ -1,0 +1,113 @@
+"""deploy/kubernetes, checked offline: `kubectl kustomize` renders each variant, every object
+validates against Kubernetes' schemas, images are pinned, GPUs are requested where they belong,
+the trainers write where TF Serving reads, and TF Serving runs with docker-compose's flags (which
+the embedded model server is tested with, tests/test_deploy.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from conftest import ROOT
+
+KUBERNETES_VERSION = "1.32"
+VARIANTS = ("cpu", "gpu")
+KUBECTL = shutil.which("kubectl")
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (.ci/run installs it)")
+
+
+def render(variant: str) -> dict[tuple[str, str], dict]:
+    """The variant's objects, as `kubectl kustomize` renders them, by (kind, name)."""
+    done = subprocess.run([KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone",
+                           str(ROOT / "deploy" / "kubernetes" / variant)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(done.stdout) if o}
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request):
+    return request.param, render(request.param)
+
+
+def containers(obj: dict) -> list[dict]:
+    return obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+
+
+def test_every_object_validates_against_kubernetes_schemas(variant):
+    import kubernetes_validate
+
+    _, objects = variant
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_images_are_pinned(variant):
+    _, objects = variant
+    for obj in objects.values():
+        for container in containers(obj):
+            name, _, tag = container["image"].partition(":")
+            assert tag and tag != "latest" and any(c.isdigit() for c in tag), container["image"]
+
+
+def test_gpus_are_requested_by_tf_serving_and_the_trainers_only_in_the_gpu_variant(variant):
+    name, objects = variant
+    for (kind, object_name), obj in objects.items():
+        for container in containers(obj):
+            limits = container.get("resources", {}).get("limits", {})
+            wants_gpu = name == "gpu" and (object_name == "tfserving" or kind == "Job")
+            assert ("nvidia.com/gpu" in limits) == wants_gpu, (kind, object_name)
+    serving = containers(objects["Deployment", "tfserving"])[0]["image"]
+    assert serving == ("tensorflow/serving:2.19.0-gpu" if name == "gpu" else "tensorflow/serving:2.19.0")
+    for job in ("trainer-digits", "trainer-bard"):
+        args = containers(objects["Job", job])[0]["args"]
+        assert args[args.index("--profile") + 1] == name
+
+
+def test_the_trainers_write_where_tf_serving_reads(variant):
+    _, objects = variant
+    serving = objects["Deployment", "tfserving"]["spec"]["template"]["spec"]
+    claim = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in serving["volumes"]}
+    read = {m["mountPath"]: claim[m["name"]] for m in serving["containers"][0]["volumeMounts"]}
+    assert objects["PersistentVolumeClaim", "models"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    for job in ("trainer-digits", "trainer-bard"):
+        spec = objects["Job", job]["spec"]["template"]["spec"]
+        args = spec["containers"][0]["args"]
+        base = args[args.index("--model-base") + 1]
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+        assert read[base] == volumes[mounts[base]] == "models"
+        name = job.removeprefix("trainer-")  # the job pushes <base>/<name>/<N>, the config serves it
+        assert f'base_path: "{base}/{name}"' in config_files(objects)["models.config"]
+
+
+def config_files(objects: dict) -> dict:
+    """The ConfigMap of TF Serving's config files (kustomize adds a hash to its name)."""
+    return next(obj for (kind, _), obj in objects.items() if kind == "ConfigMap")["data"]
+
+
+def test_tf_serving_runs_with_docker_compose_s_flags_and_config_files(variant):
+    _, objects = variant
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["tfserving"]
+    container = containers(objects["Deployment", "tfserving"])[0]
+    assert container["command"] == compose["entrypoint"]
+    assert container["args"] == compose["command"]
+    for name in ("models.config", "batching.config", "monitoring.config"):
+        assert config_files(objects)[name] == (ROOT / "serving" / name).read_text()
+    probes = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")]
+    assert probes == ["/v1/models/digits", "/v1/models/digits"]
+
+
+def test_the_gateway_calls_every_replica_through_a_headless_service(variant):
+    _, objects = variant
+    assert objects["Service", "tfserving"]["spec"]["clusterIP"] == "None"
+    gateway = containers(objects["Deployment", "gateway"])[0]
+    env = {e["name"]: e["value"] for e in gateway["env"]}
+    assert env["SCRIBE_MODEL_SERVER"] == "dns:///tfserving:8500"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert objects["HorizontalPodAutoscaler", "gateway"]["spec"]["scaleTargetRef"]["name"] == "gateway"
+    assert {n for k, n in objects if k == "PodDisruptionBudget"} == {"tfserving", "gateway"}
