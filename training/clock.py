@@ -54,7 +54,7 @@ class TestAccuracyCurve(keras.callbacks.Callback):
         self.x, self.y, self.steps_per_epoch, self.points = x, y, steps_per_epoch, []
 
     def on_epoch_end(self, epoch, logs=None):
-        from training.digits import batches  # a Dataset: see batches
+        from training.pipeline import batches  # a Dataset, not numpy: see batches
 
         predictions = self.model.predict(batches(self.x), verbose=0)
         accuracy = float(np.mean(np.argmax(predictions, axis=1) == self.y))

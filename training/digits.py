@@ -120,16 +120,9 @@ def augment(images, seed: int):
 
     # Sequential: the run enables op determinism, under which TensorFlow 2.19 rewrites a parallel
     # map into a sequential one anyway, and logs an error-level line about an attribute the
-    # rewritten op does not know (use_unbounded_threadpool).
+    # rewritten op does not know (use_unbounded_threadpool). Keras slices numpy arrays with such a
+    # map too: what it is given here are Datasets (pipeline.batches).
     return images.map(apply)
-
-
-def batches(*arrays, size: int = 500):
-    """Arrays as a batched tf.data.Dataset, for Keras: given numpy arrays, Keras slices them with
-    a parallel map, which op determinism rewrites with the error-level line above."""
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0]).batch(size)
 
 
 def inference_graph(model):
@@ -334,7 +327,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     history = model.fit(
         training_batches(splits, settings), steps_per_epoch=settings["eval_every"],
         epochs=settings["steps"] // settings["eval_every"],
-        validation_data=batches(splits.x_val, splits.y_val), shuffle=False, verbose=2,
+        validation_data=pipeline.batches(splits.x_val, splits.y_val), shuffle=False, verbose=2,
         callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])
     for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
         point["train_seconds"] = seconds

@@ -117,6 +117,14 @@ def verify_export(export_dir: Path, inputs: dict[str, np.ndarray], expect_output
     return result.stdout
 
 
+def batches(*arrays, size: int = 500):
+    """Arrays as a batched tf.data.Dataset, for Keras: given numpy arrays, Keras slices them with
+    a parallel map, which op determinism (the digits job's) rewrites with an error-level line."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(arrays if len(arrays) > 1 else arrays[0]).batch(size)
+
+
 def make_run_dir(runs_dir: Path, name: str) -> Path:
     """A new runs/<name>/<time>/ folder; runs started in the same second get -2, -3, ..."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -76,7 +76,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def work():
             servable = self.manager.servable(*model_spec_of(request.model_spec))
             response = response_class()
-            response.result.CopyFrom(run(servable, request.model_spec.signature_name, request.input,
+            examples = inference.serialized_examples(request.input)
+            response.result.CopyFrom(run(servable, request.model_spec.signature_name, examples,
                                          self.check_method))
             inference.fill_model_spec(response.model_spec, servable, request.model_spec.signature_name)
             return response

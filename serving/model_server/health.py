@@ -5,28 +5,18 @@ messages are built here (grpcio ships no health service without an extra package
 from __future__ import annotations
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving.model_server.servables import ServableManager
+from serving.tfserving.configs import message_classes
 
 SERVING, NOT_SERVING, SERVICE_UNKNOWN = 1, 2, 3
 
 
-def _messages():
-    types = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="grpc/health/v1/health.proto", package="grpc.health.v1",
-                                              syntax="proto3")
-    request = file.message_type.add(name="HealthCheckRequest")
-    request.field.add(name="service", number=1, type=types.TYPE_STRING, label=types.LABEL_OPTIONAL)
-    response = file.message_type.add(name="HealthCheckResponse")
-    response.field.add(name="status", number=1, type=types.TYPE_INT32, label=types.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return [message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.health.v1.{name}"))
-            for name in ("HealthCheckRequest", "HealthCheckResponse")]
-
-
-HealthCheckRequest, HealthCheckResponse = _messages()  # the status enum travels as its number
+_MESSAGES = message_classes("grpc/health/v1/health.proto", "grpc.health.v1", {
+    "HealthCheckRequest": [("service", 1, "string")],
+    "HealthCheckResponse": [("status", 1, "int32")],  # the status enum travels as its number
+})
+HealthCheckRequest, HealthCheckResponse = _MESSAGES["HealthCheckRequest"], _MESSAGES["HealthCheckResponse"]
 
 
 def add_health_service(server: grpc.Server, manager: ServableManager) -> None:

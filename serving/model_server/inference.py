@@ -54,14 +54,14 @@ def signature_of(servable: Servable, name: str, method: str, check_method: bool)
     return name, signature
 
 
-def run_classification(servable: Servable, signature_name: str, request_input,
+def run_classification(servable: Servable, signature_name: str, examples: np.ndarray,
                        check_method: bool) -> classification_pb2.ClassificationResult:
+    """`examples`: serialized_examples of the request's input."""
     name, signature = signature_of(servable, signature_name, CLASSIFY, check_method)
     wanted = [key for key in ("classes", "scores") if key in signature.outputs]
     if not wanted or not 1 <= len(signature.outputs) <= 2:
         raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs to "
                            "contain classes and/or scores")
-    examples = serialized_examples(request_input)
     outputs = servable.predict(name, {"inputs": examples}, wanted)
     classes, scores = (_per_row(outputs.get(key), len(examples), key) for key in ("classes", "scores"))
     result = classification_pb2.ClassificationResult()
@@ -76,12 +76,12 @@ def run_classification(servable: Servable, signature_name: str, request_input,
     return result
 
 
-def run_regression(servable: Servable, signature_name: str, request_input,
+def run_regression(servable: Servable, signature_name: str, examples: np.ndarray,
                    check_method: bool) -> regression_pb2.RegressionResult:
+    """`examples`: serialized_examples of the request's input."""
     name, signature = signature_of(servable, signature_name, REGRESS, check_method)
     if list(signature.outputs) != ["outputs"]:
         raise ServingError("INVALID_ARGUMENT", "Expected one output Tensor named outputs.")
-    examples = serialized_examples(request_input)
     values = _per_row(servable.predict(name, {"inputs": examples})["outputs"], len(examples), "outputs")
     if values.shape[1] != 1:
         raise ServingError("INVALID_ARGUMENT", f"Expected output Tensor shape to be either "
@@ -124,16 +124,17 @@ def multi_inference(manager: ServableManager, request,
     if len(set(signatures)) < len(signatures):
         raise ServingError("INVALID_ARGUMENT", "Duplicate evaluation of signature in the request")
     servable = manager.servable(*model_spec_of(request.tasks[0].model_spec))
+    examples = serialized_examples(request.input)  # once, for every task
     response = inference_pb2.MultiInferenceResponse()
     for task in request.tasks:
         result = response.results.add()
         signature = task.model_spec.signature_name
         if task.method_name == CLASSIFY:
             result.classification_result.CopyFrom(
-                run_classification(servable, signature, request.input, check_method))
+                run_classification(servable, signature, examples, check_method))
         elif task.method_name == REGRESS:
             result.regression_result.CopyFrom(
-                run_regression(servable, signature, request.input, check_method))
+                run_regression(servable, signature, examples, check_method))
         else:
             raise ServingError("UNIMPLEMENTED", f"Unsupported signature method_name: {task.method_name}")
         fill_model_spec(result.model_spec, servable, signature)

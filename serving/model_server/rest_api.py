@@ -132,8 +132,9 @@ def on_examples(api: str, run, name: str, version: int | None, label: str | None
     """Classify or Regress: `run` on the body's examples, counted in TF Serving's metrics."""
     with manager().counted(name, api, "REST"):
         body, servable = _json_object(), manager().servable(name, version, label)
-        return run(servable, _signature_name(body), examples_input(body),
-                   current_app.extensions[OPTIONS].method_name_check)
+        examples = inference.serialized_examples(examples_input(body))
+        check_method = current_app.extensions[OPTIONS].method_name_check
+        return run(servable, _signature_name(body), examples, check_method)
 
 
 def _signature_name(body: dict) -> str:

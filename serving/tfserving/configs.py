@@ -39,13 +39,13 @@ MESSAGES = {
 }
 
 
-def _messages() -> dict:
-    """The MESSAGES above as message classes, in a descriptor pool of their own."""
+def message_classes(file_name: str, package: str, messages: dict) -> dict:
+    """Protobuf message classes from a table like MESSAGES, in a descriptor pool of their own:
+    for messages whose .proto no installed package ships."""
     types = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="scribe/tf_serving_configs.proto", syntax="proto3",
-                                              package="tensorflow.serving",
+    file = descriptor_pb2.FileDescriptorProto(name=file_name, syntax="proto3", package=package,
                                               dependency=["google/protobuf/wrappers.proto"])
-    for name, fields in MESSAGES.items():
+    for name, fields in messages.items():
         message = file.message_type.add(name=name)
         for field_name, number, kind in fields:
             repeated = kind.startswith("repeated ")
@@ -59,11 +59,11 @@ def _messages() -> dict:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(descriptor_pb2.FileDescriptorProto.FromString(wrappers_pb2.DESCRIPTOR.serialized_pb))
     pool.Add(file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
-            for name in MESSAGES}
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+            for name in messages}
 
 
-_CLASSES = _messages()
+_CLASSES = message_classes("scribe/tf_serving_configs.proto", "tensorflow.serving", MESSAGES)
 MonitoringConfig = _CLASSES["MonitoringConfig"]
 BatchingParameters = _CLASSES["BatchingParameters"]
 SSLConfig = _CLASSES["SSLConfig"]
