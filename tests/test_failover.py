@@ -68,15 +68,19 @@ def test_a_replica_killed_under_load_costs_no_request_and_takes_calls_again_once
             thread.start()
         b.process.wait_until(lambda: a.predicts() > 20 and b.predicts() > 20, 120, "calls did not spread")
         served_by = {"a": a.predicts(), "b": b.predicts()}
+        both_up = fleet(live.url)
         b.process.kill()
         killed = time.monotonic()
         before = sum(outcomes.values())
-        time.sleep(3.0)  # clients keep calling: every call goes to a, or is retried there
+        time.sleep(1.0)
+        one_down = fleet(live.url)
+        time.sleep(2.0)  # clients keep calling: every call goes to a, or is retried there
         during = sum(outcomes.values()) - before
         b.start()  # the same ports; it loads before it listens
         back = time.monotonic()
         b.process.wait_until(lambda: b.predicts() > 20, 60, "calls did not return to the restarted server")
         rebalanced = time.monotonic() - back
+        both_back = fleet(live.url)
     finally:
         stop.set()
         for thread in threads:
@@ -91,3 +95,21 @@ def test_a_replica_killed_under_load_costs_no_request_and_takes_calls_again_once
            down_s=round(back - killed, 1), restarted_to_calls_again_s=round(rebalanced, 2))
     assert failures == {}, failures
     assert during > 0
+    addresses = [f"127.0.0.1:{a.grpc_port}", f"127.0.0.1:{b.grpc_port}"]
+    for answer in (both_up, both_back):
+        assert answer["readyz"] == 200
+        assert [(s["address"], s["answered"], s["ready"]) for s in answer["servers"]] == [
+            (addresses[0], True, True), (addresses[1], True, True)]
+        assert answer["models"][0]["servers"] == addresses
+    assert one_down["readyz"] == 200, "one server with every model is enough"
+    assert [(s["address"], s["answered"], s["ready"]) for s in one_down["servers"]] == [
+        (addresses[0], True, True), (addresses[1], False, False)]
+    assert one_down["servers"][1]["reason"] == "model server: unavailable"
+    assert one_down["servers"][1]["serving"] == {"digits": None}
+    assert one_down["models"][0]["available"] and one_down["models"][0]["servers"] == addresses[:1]
+
+
+def fleet(url: str) -> dict:
+    """/readyz's status, with what /v1/models says about the models and each model server."""
+    answer = requests.get(url + "/v1/models", timeout=30).json()
+    return {"readyz": requests.get(url + "/readyz", timeout=30).status_code, **answer}

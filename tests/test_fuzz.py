@@ -63,7 +63,8 @@ def problems(value, schema: dict, where: str = "body") -> list[str]:
     schema = resolve(schema)
     unknown = set(schema) - ANNOTATIONS - {
         "type", "nullable", "enum", "properties", "required", "items", "minItems", "maxItems",
-        "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "allOf", "anyOf", "oneOf"}
+        "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "allOf", "anyOf", "oneOf",
+        "additionalProperties"}
     assert not unknown, f"the checker does not know {unknown} in {schema}"
     if value is None and schema.get("nullable"):
         return []
@@ -92,6 +93,10 @@ def problems(value, schema: dict, where: str = "body") -> list[str]:
     for key, sub in schema.get("properties", {}).items():
         if isinstance(value, dict) and key in value:
             found += problems(value[key], sub, f"{where}.{key}")
+    if isinstance(schema.get("additionalProperties"), dict) and isinstance(value, dict):
+        for key, item in value.items():
+            if key not in schema.get("properties", {}):
+                found += problems(item, schema["additionalProperties"], f"{where}.{key}")
     if "items" in schema:
         for i, item in enumerate(value):
             found += problems(item, schema["items"], f"{where}[{i}]")

@@ -204,10 +204,40 @@ def test_service_keeps_answering_after_bad_input(gateway):
 
 
 def test_models_lists_versions_from_the_model_server(gateway):
-    models = {m["name"]: m for m in requests.get(gateway.url + "/v1/models", timeout=10).json()["models"]}
+    answer = requests.get(gateway.url + "/v1/models", timeout=10).json()
+    models = {m["name"]: m for m in answer["models"]}
     assert models["digits"]["available"] is True
     assert models["digits"]["versions"] == [{"version": 1, "state": "AVAILABLE", "error": ""}]
     assert models["bard"]["serving_version"] == 1
+    server = gateway.settings.model_server
+    assert models["digits"]["servers"] == models["bard"]["servers"] == [server]
+    assert answer["servers"] == [{"address": server, "answered": True, "ready": True,
+                                  "serving": {"digits": 1, "bard": 1}}]
+
+
+def test_a_name_that_resolves_to_no_model_server_is_not_ready_and_says_so(trained):
+    from conftest import LiveGateway
+
+    live = LiveGateway(trained.model_base, model_server="dns:///no-such-model-server.invalid:8500",
+                       model_timeout_seconds=2)
+    try:
+        response = requests.get(live.url + "/readyz", timeout=10)
+        assert response.status_code == 503 and response.json()["servers"] == []
+        assert {m["reason"] for m in response.json()["models"]} == {"no model server found"}
+    finally:
+        live.close()
+
+
+def test_the_model_servers_a_target_names_are_each_address_it_names_or_resolves_to():
+    from serving.gateway.model_servers import server_addresses
+
+    assert server_addresses("127.0.0.1:8500,127.0.0.2:8500") == ["127.0.0.1:8500", "127.0.0.2:8500"]
+    assert server_addresses("[::1]:8500,[::2]:8500") == ["[::1]:8500", "[::2]:8500"]
+    assert server_addresses("unix:/tmp/model.sock") == ["unix:/tmp/model.sock"]
+    assert server_addresses("tfserving:8500") == ["tfserving:8500"]  # one server, as named
+    assert server_addresses("dns:///127.0.0.1:8500") == ["127.0.0.1:8500"]
+    assert set(server_addresses("dns:///localhost:8500")) <= {"127.0.0.1:8500", "[::1]:8500"}
+    assert server_addresses("dns:///localhost:8500")
 
 
 def test_readyz_is_200_when_every_configured_model_is_available(gateway):

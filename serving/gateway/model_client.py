@@ -26,27 +26,31 @@ RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reco
 # every address the target names, and its retry policy sends a call that failed with UNAVAILABLE
 # before any server answered it (a server killed or restarting, a full batching queue) to another
 # server within the same deadline. Safe: Predict and GetModelStatus change nothing on the server.
-SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "tensorflow.serving.PredictionService"},
-                 {"service": "tensorflow.serving.ModelService"}],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-})
+RETRY_ON_ANOTHER_SERVER = {
+    "name": [{"service": "tensorflow.serving.PredictionService"},
+             {"service": "tensorflow.serving.ModelService"}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}
+
+
+def service_config(retries: bool) -> str:
+    """The channel's gRPC service config: round_robin, and the retry policy unless told not to
+    (model_servers.py asks each server on its own and wants its own answer)."""
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                       "methodConfig": [RETRY_ON_ANOTHER_SERVER] if retries else []})
 
 
 class ModelClient:
     """One long-lived channel to the model servers; every call has a deadline."""
 
-    def __init__(self, target: str, timeout: float):
+    def __init__(self, target: str, timeout: float, retries: bool = True):
         self.target, self.timeout = target, timeout
         self.channel = grpc.insecure_channel(channel_target(target), options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.service_config", SERVICE_CONFIG),
-            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(retries)),
+            ("grpc.enable_retries", int(retries)),
             *RECONNECT_BACKOFF_MS.items(),
         ])
         # The two methods the gateway calls, as TF Serving's generated stubs define them.

@@ -18,6 +18,7 @@ from serving.gateway import errors
 from serving.gateway.config import EXTENSION, Settings
 from serving.gateway.metrics import ModelMetrics
 from serving.gateway.model_client import ModelClient
+from serving.gateway.model_servers import ModelServers
 from serving.tfserving.batching import DynamicBatcher
 
 Result = TypeVar("Result")
@@ -31,12 +32,14 @@ class Gateway:
     metrics: ModelMetrics
     generation_slots: threading.BoundedSemaphore  # SCRIBE_MAX_GENERATIONS at once
     digit_calls: DynamicBatcher | None  # coalesces digit requests into shared Predict calls
+    servers: ModelServers  # each model server on its own, for /readyz and /v1/models
 
     @classmethod
     def connect(cls, settings: Settings, model_names: list[str], metrics: ModelMetrics) -> Gateway:
         client = ModelClient(settings.model_server, settings.model_timeout_seconds)
         slots = threading.BoundedSemaphore(settings.max_generations)
-        gateway = cls(settings, client, model_names, metrics, slots, None)
+        servers = ModelServers(settings.model_server, settings.model_timeout_seconds)
+        gateway = cls(settings, client, model_names, metrics, slots, None, servers)
         if settings.coalesce_calls > 0:
             gateway.digit_calls = gateway.digit_call_batcher()
         return gateway
@@ -92,6 +95,7 @@ class Gateway:
     def close(self) -> None:
         if self.digit_calls is not None:
             self.digit_calls.stop()
+        self.servers.close()
         self.client.close()
 
 

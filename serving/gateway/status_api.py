@@ -5,10 +5,10 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import grpc
 from flask import Blueprint, current_app, jsonify
 
 from serving.gateway.errors import RETRY_AFTER_SECONDS
+from serving.gateway.model_servers import ServerReport
 from serving.gateway.state import gateway
 
 OPENAPI = Path(__file__).with_name("openapi.json")  # the HTTP API as data, served at /openapi.json
@@ -38,28 +38,51 @@ def healthz():
 
 @status.get("/v1/models")
 def models():
-    return jsonify(models=[model_report(name) for name in gateway().model_names])
+    model_reports, server_reports = fleet_report()
+    return jsonify(models=model_reports, servers=server_reports)
 
 
 @status.get("/readyz")
 def readyz():
-    reports = [model_report(name) for name in gateway().model_names]
-    ready = all(report["available"] for report in reports)
-    response = jsonify(ready=ready, models=reports)
+    """Ready while at least one model server has every configured model AVAILABLE: the gateway's
+    calls go to the servers that answer (model_client.py)."""
+    model_reports, server_reports = fleet_report()
+    ready = any(server["ready"] for server in server_reports)
+    response = jsonify(ready=ready, models=model_reports, servers=server_reports)
     if not ready:
         response.status_code = 503
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
 
-def model_report(name: str) -> dict:
-    """What the model server says about one model: its versions and whether one is AVAILABLE."""
-    try:
-        versions = gateway().client.status(name)
-    except grpc.RpcError as error:
-        reason = ("no version loaded" if error.code() == grpc.StatusCode.NOT_FOUND
-                  else f"model server: {error.code().name.lower()}")
-        return {"name": name, "available": False, "versions": [], "reason": reason}
-    available = [v["version"] for v in versions if v["state"] == "AVAILABLE"]
-    return {"name": name, "available": bool(available),
-            "serving_version": max(available) if available else None, "versions": versions}
+def fleet_report() -> tuple[list[dict], list[dict]]:
+    """Every model over all model servers, and every server's own answer, asked at once."""
+    names = gateway().model_names
+    servers = gateway().servers.reports(names)
+    return [model_report(name, servers) for name in names], [server_report(s, names) for s in servers]
+
+
+def model_report(name: str, servers: list[ServerReport]) -> dict:
+    """One model over the servers: available on some; its versions as the server with the newest
+    AVAILABLE version has them (servers differ for a poll interval after a push); `servers`: the
+    addresses that serve it."""
+    serving = [s for s in servers if s.available(name)]
+    if not serving:
+        answers = [s for s in servers if s.models.get(name)]
+        reason = next((s.errors[name] for s in servers if name in s.errors),
+                      "no version loaded" if answers else "no model server found")
+        return {"name": name, "available": False, "versions": answers[0].models[name] if answers else [],
+                "reason": reason, "servers": []}
+    newest = max(serving, key=lambda s: max(s.available(name)))
+    return {"name": name, "available": True, "serving_version": max(newest.available(name)),
+            "versions": newest.models[name], "servers": [s.address for s in serving]}
+
+
+def server_report(server: ServerReport, names: list[str]) -> dict:
+    """One model server: whether it answered, whether it serves every model, and which version of
+    each it serves (null: none)."""
+    report = {"address": server.address, "answered": server.answered, "ready": server.serves_all(names),
+              "serving": {name: max(server.available(name), default=None) for name in names}}
+    if not server.answered:
+        report["reason"] = next(iter(server.errors.values()), "no answer")
+    return report
