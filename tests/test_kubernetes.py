@@ -13,7 +13,9 @@ import yaml
 from conftest import ROOT
 
 KUBERNETES_VERSION = "1.32"
-VARIANTS = ("cpu", "gpu")
+VARIANTS = ("cpu", "gpu", "kserve")
+# The fields KServe adds to a predictor; the rest of it is a Kubernetes PodSpec.
+KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"}
 KUBECTL = shutil.which("kubectl")
 
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (.ci/run installs it)")
@@ -33,8 +35,20 @@ def variant(request):
     return request.param, render(request.param)
 
 
+def pod_spec(obj: dict) -> dict:
+    """The pod template's spec of a workload, or a KServe predictor's PodSpec fields."""
+    if obj["kind"] == "InferenceService":
+        return {k: v for k, v in obj["spec"]["predictor"].items() if k not in KSERVE_PREDICTOR_FIELDS}
+    return obj.get("spec", {}).get("template", {}).get("spec", {})
+
+
 def containers(obj: dict) -> list[dict]:
-    return obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    return pod_spec(obj).get("containers", [])
+
+
+def tf_serving(objects: dict) -> dict:
+    """TF Serving's pod spec: the base's Deployment, or the kserve variant's InferenceService."""
+    return pod_spec(objects.get(("Deployment", "tfserving")) or objects["InferenceService", "tfserving"])
 
 
 def test_every_object_validates_against_kubernetes_schemas(variant):
@@ -42,6 +56,9 @@ def test_every_object_validates_against_kubernetes_schemas(variant):
 
     _, objects = variant
     for obj in objects.values():
+        if obj["kind"] == "InferenceService":  # a CRD: its predictor must be a valid PodSpec
+            obj = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"},
+                   "spec": pod_spec(obj)}
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
 
@@ -60,16 +77,16 @@ def test_gpus_are_requested_by_tf_serving_and_the_trainers_only_in_the_gpu_varia
             limits = container.get("resources", {}).get("limits", {})
             wants_gpu = name == "gpu" and (object_name == "tfserving" or kind == "Job")
             assert ("nvidia.com/gpu" in limits) == wants_gpu, (kind, object_name)
-    serving = containers(objects["Deployment", "tfserving"])[0]["image"]
+    serving = tf_serving(objects)["containers"][0]["image"]
     assert serving == ("tensorflow/serving:2.19.0-gpu" if name == "gpu" else "tensorflow/serving:2.19.0")
     for job in ("trainer-digits", "trainer-bard"):
         args = containers(objects["Job", job])[0]["args"]
-        assert args[args.index("--profile") + 1] == name
+        assert args[args.index("--profile") + 1] == ("gpu" if name == "gpu" else "cpu")
 
 
 def test_the_trainers_write_where_tf_serving_reads(variant):
     _, objects = variant
-    serving = objects["Deployment", "tfserving"]["spec"]["template"]["spec"]
+    serving = tf_serving(objects)
     claim = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in serving["volumes"]}
     read = {m["mountPath"]: claim[m["name"]] for m in serving["containers"][0]["volumeMounts"]}
     assert objects["PersistentVolumeClaim", "models"]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -92,17 +109,20 @@ def config_files(objects: dict) -> dict:
 def test_tf_serving_runs_with_docker_compose_s_flags_and_config_files(variant):
     _, objects = variant
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["tfserving"]
-    container = containers(objects["Deployment", "tfserving"])[0]
+    container = tf_serving(objects)["containers"][0]
     assert container["command"] == compose["entrypoint"]
     assert container["args"] == compose["command"]
     for name in ("models.config", "batching.config", "monitoring.config"):
         assert config_files(objects)[name] == (ROOT / "serving" / name).read_text()
     probes = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")]
     assert probes == ["/v1/models/digits", "/v1/models/digits"]
+    volumes = {v["name"]: v for v in tf_serving(objects)["volumes"]}
+    assert volumes["config"]["configMap"]["name"] in {name for kind, name in objects if kind == "ConfigMap"}
 
 
-def test_the_gateway_calls_every_replica_through_a_headless_service(variant):
-    _, objects = variant
+@pytest.mark.parametrize("name", ["cpu", "gpu"])  # kserve: KServe makes TF Serving's Service (below)
+def test_the_gateway_calls_every_replica_through_a_headless_service(name):
+    objects = render(name)
     assert objects["Service", "tfserving"]["spec"]["clusterIP"] == "None"
     gateway = containers(objects["Deployment", "gateway"])[0]
     env = {e["name"]: e["value"] for e in gateway["env"]}
@@ -111,3 +131,16 @@ def test_the_gateway_calls_every_replica_through_a_headless_service(variant):
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert objects["HorizontalPodAutoscaler", "gateway"]["spec"]["scaleTargetRef"]["name"] == "gateway"
     assert {n for k, n in objects if k == "PodDisruptionBudget"} == {"tfserving", "gateway"}
+
+
+def test_kserve_runs_tf_serving_as_an_inference_service_the_gateway_calls_over_grpc():
+    objects = render("kserve")
+    assert not {(k, n) for k, n in objects if n == "tfserving" and k != "InferenceService"}
+    service = objects["InferenceService", "tfserving"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    container = service["spec"]["predictor"]["containers"][0]
+    assert container["ports"] == [{"name": "h2c", "containerPort": 8500, "protocol": "TCP"}]
+    gateway = containers(objects["Deployment", "gateway"])[0]
+    env = {e["name"]: e["value"] for e in gateway["env"]}
+    assert env["SCRIBE_MODEL_SERVER"] == "dns:///tfserving-predictor:80"  # KServe's <name>-predictor
