@@ -155,6 +155,26 @@ def test_trainers_write_where_tf_serving_reads(services):
         assert f"{model_base}/{model}" == served_base[model]  # training pushes <base>/<name>/<N>
 
 
+def test_the_multiworker_trainers_find_each_other_by_service_name_and_only_the_chief_pushes(services):
+    from training.distribute import cluster_from_env
+
+    workers = sorted(name for name in services if name.startswith("trainer-bard-worker-"))
+    assert len(workers) == 2
+    gpus = set()
+    for index, name in enumerate(workers):
+        service = services[name]
+        assert service["profiles"] == ["train-multiworker"]
+        assert service["command"] == services["trainer-bard"]["command"]  # the gpu profile
+        assert "models:/models" in service["volumes"]
+        cluster = cluster_from_env(service["environment"])
+        assert (cluster.task_index, cluster.tasks, cluster.is_chief) == (index, len(workers), index == 0)
+        names = json.loads(service["environment"]["TF_CONFIG"])["cluster"]["worker"]
+        assert [n.rsplit(":", 1)[0] for n in names] == workers  # compose's DNS: the service names
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        gpus.update(device["device_ids"])
+    assert len(gpus) == len(workers)  # a GPU each
+
+
 def test_ports_healthchecks_and_depends_on(services):
     # `--scale tfserving=N --scale gateway=M`: neither binds a host port or names its container
     for name in ("tfserving", "gateway"):

@@ -92,7 +92,8 @@ def test_a_replica_killed_under_load_costs_no_request_and_takes_calls_again_once
     record("model_server_replica_killed", clients=CLIENTS, requests=sum(outcomes.values()),
            failed=sum(failures.values()), before_kill_served_by_a=served_by["a"],
            before_kill_served_by_b=served_by["b"], requests_while_one_was_down=during,
-           down_s=round(back - killed, 1), restarted_to_calls_again_s=round(rebalanced, 2))
+           down_s=round(back - killed, 1), restarted_to_calls_again_s=round(rebalanced, 2),
+           readyz_while_one_was_down=one_down["readyz"])
     assert failures == {}, failures
     assert during > 0
     addresses = [f"127.0.0.1:{a.grpc_port}", f"127.0.0.1:{b.grpc_port}"]

@@ -5,6 +5,7 @@ the embedded model server is tested with, tests/test_deploy.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -144,3 +145,35 @@ def test_kserve_runs_tf_serving_as_an_inference_service_the_gateway_calls_over_g
     gateway = containers(objects["Deployment", "gateway"])[0]
     env = {e["name"]: e["value"] for e in gateway["env"]}
     assert env["SCRIBE_MODEL_SERVER"] == "dns:///tfserving-predictor:80"  # KServe's <name>-predictor
+
+
+def test_the_multiworker_job_starts_workers_that_find_each_other_and_push_where_tf_serving_reads():
+    import kubernetes_validate
+
+    from training.distribute import cluster_from_env
+
+    objects = render("multiworker")
+    for obj in objects.values():
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    job, service = objects["Job", "trainer-bard-multiworker"], objects["Service", "trainer-workers"]
+    spec = job["spec"]["template"]["spec"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert spec["subdomain"] == "trainer-workers" and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    container = spec["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    script = container["args"][0]
+    assert script.rstrip().endswith("--profile gpu --model-base /models --runs-dir /runs")
+    workers = job["spec"]["completions"]
+    for index in range(workers):  # the TF_CONFIG each pod's shell builds, read as training reads it
+        printed = script.replace("exec python -m training", "printenv TF_CONFIG #")
+        shown = subprocess.run(["sh", "-c", printed], env={"JOB_COMPLETION_INDEX": str(index)},
+                               capture_output=True, text=True)
+        cluster = cluster_from_env({"TF_CONFIG": shown.stdout})
+        assert (cluster.task_index, cluster.tasks, cluster.is_chief) == (index, workers, index == 0)
+        names = json.loads(shown.stdout)["cluster"]["worker"]
+        port = service["spec"]["ports"][0]["port"]
+        assert names == [f"trainer-bard-multiworker-{i}.trainer-workers:{port}" for i in range(workers)]
+    volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/models"]] == "models"  # the claim TF Serving reads

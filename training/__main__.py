@@ -26,6 +26,10 @@ def flags() -> argparse.ArgumentParser:
                         help="folder holding <model>/<integer version>/ (default: models)")
     common.add_argument("--runs-dir", type=Path, default=Path("runs"),
                         help="where TensorBoard logs, curves and metrics.json go (default: runs)")
+    common.add_argument("--devices", type=positive,
+                        help="train over N devices of this machine with MirroredStrategy (default: every "
+                        "GPU when there are several, else one device; without GPUs, the CPU split in N). "
+                        "Several machines: set TF_CONFIG (docs/training.md)")
     digits = sub.add_parser("digits", parents=[common], help="the batch-norm CNN for MNIST")
     digits.add_argument("--profile", choices=("quick", "cpu", "gpu", "best"), default="cpu",
                         help="quick: seconds, for tests; cpu: the default, a few minutes; gpu: the "
@@ -70,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "digits":
         return reported("digits", lambda: digits_job.run(
             args.profile, args.data, args.model_base, args.runs_dir, steps=args.steps,
-            min_accuracy=args.min_accuracy, augmented=args.augment, seed=args.seed))
+            min_accuracy=args.min_accuracy, augmented=args.augment, seed=args.seed, devices=args.devices))
     if args.command == "bard":
         return reported("bard", lambda: bard_job.run(
             args.profile, args.corpus, args.model_base, args.runs_dir, steps=args.steps,
-            max_val_loss=args.max_val_loss))
+            max_val_loss=args.max_val_loss, devices=args.devices))
     return train_missing({"digits": digits_job, "bard": bard_job}, args)
 
 
@@ -87,8 +91,8 @@ def train_missing(jobs: dict, args: argparse.Namespace) -> int:
             print(f"{name}: version {version} already pushed under {args.model_base / name}")
             continue
         source = args.data if name == "digits" else args.corpus
-        code = reported(name, lambda job=job, source=source: job.run(args.profile, source, args.model_base,
-                                                                     args.runs_dir))
+        code = reported(name, lambda job=job, source=source: job.run(
+            args.profile, source, args.model_base, args.runs_dir, devices=args.devices))
         if code != EXIT_PUSHED:
             failures.append((name, code))
     for name, code in failures:

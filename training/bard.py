@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import pipeline
+from training import distribute, pipeline
 from training.shakespeare_data import load_corpus
 
 NAME = "bard"
@@ -118,12 +118,32 @@ def evaluate_saved_model(export_dir: Path, text: str, chunk: int = 1000) -> floa
     return total / weight
 
 
-def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int | None = None,
-        max_val_loss: float | None = None) -> int:
+def fit(cfg: dict, vocab: int, train_ids: np.ndarray, val_ids: np.ndarray, run_dir: Path, placement):
+    """Build the network under the placement's strategy and train it: (model, history, clock)."""
     import keras
 
     from training.clock import TrainingClock
 
+    with placement.strategy.scope():
+        model = build_model(vocab, cfg)
+        schedule = keras.optimizers.schedules.CosineDecay(cfg["lr"], cfg["steps"], alpha=0.1)
+        model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clock = TrainingClock(NAME, cfg["eval_every"])
+    history = placement.fit(  # a line per interval: make run's server logs into the same terminal
+        model, sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
+        sequences(val_ids, cfg["seq_len"], 256, shuffle=False), cfg["eval_every"],
+        cfg["steps"] // cfg["eval_every"],
+        [clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))],
+        cfg["batch"], keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None))
+    return model, history, clock
+
+
+def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int | None = None,
+        max_val_loss: float | None = None, devices: int | None = None) -> int:
+    import keras
+
+    placement = distribute.place(devices)
     cfg = dict(PROFILES[profile])
     if steps is not None:
         cfg["steps"], cfg["eval_every"] = pipeline.whole_intervals(NAME, steps, cfg["eval_every"])
@@ -132,24 +152,17 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     if len(data.validation) < cfg["seq_len"] + 1:  # Keras would then record no validation loss
         raise ValueError(f"{data.validation_source}: {len(data.validation)} characters, fewer than "
                          f"one {cfg['seq_len'] + 1}-character validation sequence")
-    run_dir = pipeline.make_run_dir(runs_dir, NAME)
+    run_dir = placement.run_dir(runs_dir, NAME)
     keras.utils.set_random_seed(SEED)
 
     alphabet = alphabet_of(data.train)
     print(f"{NAME}: profile {profile}, {data.describe()}, {len(alphabet)} characters, "
-          f"run folder {run_dir}", flush=True)
+          f"{placement.how}, run folder {run_dir}", flush=True)
     train_ids, val_ids = encode(data.train, alphabet), encode(data.validation, alphabet)
-    model = build_model(len(alphabet), cfg)
-    schedule = keras.optimizers.schedules.CosineDecay(cfg["lr"], cfg["steps"], alpha=0.1)
-    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=5.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    clock = TrainingClock(NAME, cfg["eval_every"])
-    history = model.fit(
-        sequences(train_ids, cfg["seq_len"], cfg["batch"], shuffle=True),
-        steps_per_epoch=cfg["eval_every"], epochs=cfg["steps"] // cfg["eval_every"],
-        validation_data=sequences(val_ids, cfg["seq_len"], 256, shuffle=False), shuffle=False,
-        verbose=2,  # a line per interval: make run's server logs into the same terminal
-        callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))])
+    model, history, clock = fit(cfg, len(alphabet), train_ids, val_ids, run_dir, placement)
+    if not placement.cluster.is_chief:
+        return placement.worker_done(NAME)
+    model = placement.plain(model, lambda: build_model(len(alphabet), cfg))
     plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
@@ -168,6 +181,7 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     (run_dir / "sample.txt").write_text(sample)
     metrics = {
         "model": NAME, "profile": profile, "settings": cfg, "corpus": data.source,
+        "distribution": placement.how,
         "validation": data.validation_source, "alphabet_size": len(alphabet),
         "train_characters": len(data.train), "validation_characters": len(data.validation),
         "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
@@ -177,7 +191,8 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     }
     describe = (f"validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits) "
                 f"on {data.validation_source}")
-    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
+    pushed = pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
+    return placement.chief_done(NAME, pushed)
 
 
 def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import pipeline
+from training import distribute, pipeline
 from training.mnist_data import load_digits
 
 NAME = "digits"
@@ -300,41 +300,56 @@ def training_batches(splits, settings: dict):
     return train.prefetch(tf.data.AUTOTUNE)
 
 
+def fit(settings: dict, splits, run_dir: Path, placement):
+    """Build the network under the placement's strategy and train it: (model, history, clock, test
+    accuracy curve). The curve is the chief's alone: it reads the weights, it runs no collective."""
+    import keras
+
+    from training.clock import TestAccuracyCurve, TrainingClock
+
+    with placement.strategy.scope():
+        model = build_model()
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    clock = TrainingClock(NAME, settings["eval_every"])
+    curve = TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
+    history = placement.fit(
+        model, training_batches(splits, settings), pipeline.batches(splits.x_val, splits.y_val),
+        settings["eval_every"], settings["steps"] // settings["eval_every"],
+        [clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")),
+         *([curve] if placement.cluster.is_chief else [])],
+        settings["batch"], keras.losses.SparseCategoricalCrossentropy(reduction=None), accuracy=True)
+    return model, history, clock, curve
+
+
 def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | None = None,
-        min_accuracy: float | None = None, augmented: bool = True, seed: int = SEED) -> int:
+        min_accuracy: float | None = None, augmented: bool = True, seed: int = SEED,
+        devices: int | None = None) -> int:
     """Train, export, verify, evaluate, bless, push. Returns the process exit status."""
     import keras
     import tensorflow as tf
 
-    from training.clock import TestAccuracyCurve, TrainingClock
-
+    placement = distribute.place(devices)
     settings = profile_settings(profile, steps, augmented, seed)
     splits = load_digits(data)
     threshold = settings["min_accuracy"][splits.kind] if min_accuracy is None else min_accuracy
-    run_dir = pipeline.make_run_dir(runs_dir, NAME)
+    run_dir = placement.run_dir(runs_dir, NAME)
     keras.utils.set_random_seed(seed)
     # Same data, profile and seed: the same weights. Without this, the order in which CPU threads
     # add up gradients varies from run to run, and so do the trained versions.
     tf.config.experimental.enable_op_determinism()
 
     print(f"{NAME}: profile {profile}{'' if augmented else ' without augmentation'}, "
-          f"{splits.describe()}, run folder {run_dir}", flush=True)
-    model = build_model()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    clock = TrainingClock(NAME, settings["eval_every"])
-    curve = TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
-    history = model.fit(
-        training_batches(splits, settings), steps_per_epoch=settings["eval_every"],
-        epochs=settings["steps"] // settings["eval_every"],
-        validation_data=pipeline.batches(splits.x_val, splits.y_val), shuffle=False, verbose=2,
-        callbacks=[clock, keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")), curve])
+          f"{splits.describe()}, {placement.how}, run folder {run_dir}", flush=True)
+    model, history, clock, curve = fit(settings, splits, run_dir, placement)
+    if not placement.cluster.is_chief:
+        return placement.worker_done(NAME)
     for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
         point["train_seconds"] = seconds
     plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
-    export(model, export_dir, check_images=splits.x_val[:64])
+    export(placement.plain(model, build_model), export_dir, check_images=splits.x_val[:64])
     pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
                            ["probabilities", "digit"])
     pipeline.verify_export(export_dir, {}, ["classes", "scores"], "classification",
@@ -350,6 +365,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
 
     metrics = {
         "model": NAME, "profile": profile, "settings": settings, "data": splits.source,
+        "distribution": placement.how,
         "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
         "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
         "images_per_second": round(settings["steps"] * settings["batch"] / clock.seconds, 1),
@@ -359,4 +375,5 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
         "test_accuracy": test_accuracy, "history": history.history,
     }
     describe = f"test accuracy {test_accuracy:.2%} on {len(splits.x_test)} {splits.source} digits"
-    return pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
+    pushed = pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
+    return placement.chief_done(NAME, pushed)

@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import Blueprint, current_app, jsonify
 
 from serving.gateway.errors import RETRY_AFTER_SECONDS
-from serving.gateway.model_servers import ServerReport
+from serving.gateway.model_servers import NO_VERSION, ServerReport
 from serving.gateway.state import gateway
 
 OPENAPI = Path(__file__).with_name("openapi.json")  # the HTTP API as data, served at /openapi.json
@@ -69,8 +69,10 @@ def model_report(name: str, servers: list[ServerReport]) -> dict:
     serving = [s for s in servers if s.available(name)]
     if not serving:
         answers = [s for s in servers if s.models.get(name)]
-        reason = next((s.errors[name] for s in servers if name in s.errors),
-                      "no version loaded" if answers else "no model server found")
+        errors = [s.errors[name] for s in servers if name in s.errors]
+        # A server that has it, loading, or says it has none, outranks one that did not answer.
+        reason = (NO_VERSION if answers or NO_VERSION in errors
+                  else next(iter(errors), "no model server found"))
         return {"name": name, "available": False, "versions": answers[0].models[name] if answers else [],
                 "reason": reason, "servers": []}
     newest = max(serving, key=lambda s: max(s.available(name)))
