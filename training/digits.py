@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import distribute, pipeline
+from training import distribute, ladder, pipeline
 from training.mnist_data import load_digits
 
 NAME = "digits"
@@ -95,6 +95,8 @@ def learning_rate(settings: dict):
         def get_config(self):
             return {key: settings[key] for key in ("lr_max", "warmup_steps", "steps")}
 
+    if settings["schedule"] == "constant":  # the talk's softmax: plain gradient descent
+        return settings["lr_max"]
     return {"talk": TalkDecay, "cosine": WarmupCosine}[settings["schedule"]]()
 
 
@@ -169,7 +171,7 @@ def inference_graph(model):
             i += 2
             continue
         if isinstance(layer, (keras.layers.Reshape, keras.layers.ReLU, keras.layers.Flatten,
-                              keras.layers.Dense)):
+                              keras.layers.Dense, keras.layers.Conv2D)):
             steps.append(layer)  # as Keras computes them; the last Dense keeps its bias and softmax
         elif not isinstance(layer, keras.layers.Dropout):  # dropout does nothing when serving
             raise ValueError(f"no inference form for layer {layer.name} ({type(layer).__name__})")
@@ -203,7 +205,7 @@ def check_inference_graph(model, steps, images: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
 
 
-def export(model, export_dir: Path, check_images: np.ndarray) -> None:
+def export(model, export_dir: Path, check_images: np.ndarray, name: str = NAME) -> None:
     """SavedModel with serving_default: image [b, 28, 28] -> probabilities [b, 10], digit [b],
     and classification (TF Serving's Classify and :classify): serialized tf.Examples -> classes
     and scores. The serving graph is checked against the Keras model on `check_images` first."""
@@ -237,7 +239,7 @@ def export(model, export_dir: Path, check_images: np.ndarray) -> None:
     archive.write_out(str(export_dir), verbose=False)
     pipeline.set_method_name(export_dir, "classification", "tensorflow/serving/classify")
     rng = np.random.default_rng(0)
-    pipeline.write_warmup_requests(export_dir, NAME, [
+    pipeline.write_warmup_requests(export_dir, name, [
         {"image": rng.random((1, 28, 28), dtype=np.float32)},
         {"image": rng.random((16, 28, 28), dtype=np.float32)},
     ])
@@ -276,12 +278,17 @@ def plot_curves(history: dict, steps_per_point: int, path: Path) -> None:
     plt.close(fig)
 
 
-def profile_settings(profile: str, steps: int | None, augmented: bool, seed: int) -> dict:
-    """The profile's settings, with the run's own steps, augmentation and seed."""
-    settings = dict(PROFILES[profile], augmented=augmented, seed=seed)
+def profile_settings(profile: str, steps: int | None, augmented: bool | None, seed: int,
+                     rung: str = ladder.BN) -> dict:
+    """The settings of a rung of the ladder (ladder.py; bn: this module's PROFILES) for the profile,
+    with the run's own steps, augmentation (default: bn augments, the talk's lower rungs do not)
+    and seed, and the model it trains."""
+    recipe = PROFILES[profile] if rung == ladder.BN else ladder.recipe(rung, profile)
+    augmented = (rung == ladder.BN) if augmented is None else augmented
+    settings = dict(recipe, augmented=augmented, seed=seed, rung=rung, model=ladder.model_name(rung))
     if steps is not None:
         settings["steps"], settings["eval_every"] = pipeline.whole_intervals(
-            NAME, steps, settings["eval_every"])
+            settings["model"], steps, settings["eval_every"])
         settings["warmup_steps"] = min(settings.get("warmup_steps", 0), settings["steps"] // 10)
     return settings
 
@@ -300,6 +307,11 @@ def training_batches(splits, settings: dict):
     return train.prefetch(tf.data.AUTOTUNE)
 
 
+def network(rung: str):
+    """A new Keras network of the rung: this module's batch-norm CNN, or a lower rung's."""
+    return build_model() if rung == ladder.BN else ladder.build(rung)
+
+
 def fit(settings: dict, splits, run_dir: Path, placement):
     """Build the network under the placement's strategy and train it: (model, history, clock, test
     accuracy curve). The curve is the chief's alone: it reads the weights, it runs no collective."""
@@ -308,10 +320,12 @@ def fit(settings: dict, splits, run_dir: Path, placement):
     from training.clock import TestAccuracyCurve, TrainingClock
 
     with placement.strategy.scope():
-        model = build_model()
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate(settings)),
+        model = network(settings["rung"])
+        optimizer = {"adam": keras.optimizers.Adam,
+                     "sgd": keras.optimizers.SGD}[settings.get("optimizer", "adam")]
+        model.compile(optimizer=optimizer(learning_rate(settings)),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    clock = TrainingClock(NAME, settings["eval_every"])
+    clock = TrainingClock(settings["model"], settings["eval_every"])
     curve = TestAccuracyCurve(splits.x_test, splits.y_test, settings["eval_every"])
     history = placement.fit(
         model, training_batches(splits, settings), pipeline.batches(splits.x_val, splits.y_val),
@@ -323,33 +337,35 @@ def fit(settings: dict, splits, run_dir: Path, placement):
 
 
 def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | None = None,
-        min_accuracy: float | None = None, augmented: bool = True, seed: int = SEED,
-        devices: int | None = None) -> int:
-    """Train, export, verify, evaluate, bless, push. Returns the process exit status."""
+        min_accuracy: float | None = None, augmented: bool | None = None, seed: int = SEED,
+        devices: int | None = None, rung: str = ladder.BN) -> int:
+    """Train `rung` of the ladder (default the batch-norm CNN), export, verify, evaluate, bless,
+    push. Returns the process exit status."""
     import keras
     import tensorflow as tf
 
     placement = distribute.place(devices)
-    settings = profile_settings(profile, steps, augmented, seed)
+    settings = profile_settings(profile, steps, augmented, seed, rung)
+    name = settings["model"]
     splits = load_digits(data)
     threshold = settings["min_accuracy"][splits.kind] if min_accuracy is None else min_accuracy
-    run_dir = placement.run_dir(runs_dir, NAME)
+    run_dir = placement.run_dir(runs_dir, name)
     keras.utils.set_random_seed(seed)
     # Same data, profile and seed: the same weights. Without this, the order in which CPU threads
     # add up gradients varies from run to run, and so do the trained versions.
     tf.config.experimental.enable_op_determinism()
 
-    print(f"{NAME}: profile {profile}{'' if augmented else ' without augmentation'}, "
+    print(f"{name}: profile {profile}{'' if settings['augmented'] else ' without augmentation'}, "
           f"{splits.describe()}, {placement.how}, run folder {run_dir}", flush=True)
     model, history, clock, curve = fit(settings, splits, run_dir, placement)
     if not placement.cluster.is_chief:
-        return placement.worker_done(NAME)
+        return placement.worker_done(name)
     for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
         point["train_seconds"] = seconds
     plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
 
     export_dir = run_dir / "export"
-    export(placement.plain(model, build_model), export_dir, check_images=splits.x_val[:64])
+    export(placement.plain(model, lambda: network(rung)), export_dir, splits.x_val[:64], name)
     pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
                            ["probabilities", "digit"])
     pipeline.verify_export(export_dir, {}, ["classes", "scores"], "classification",
@@ -364,7 +380,7 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
                                max_regression=MAX_REGRESSION))
 
     metrics = {
-        "model": NAME, "profile": profile, "settings": settings, "data": splits.source,
+        "model": name, "profile": profile, "settings": settings, "data": splits.source,
         "distribution": placement.how,
         "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
         "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
@@ -375,5 +391,5 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
         "test_accuracy": test_accuracy, "history": history.history,
     }
     describe = f"test accuracy {test_accuracy:.2%} on {len(splits.x_test)} {splits.source} digits"
-    pushed = pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
-    return placement.chief_done(NAME, pushed)
+    pushed = pipeline.finish(name, run_dir, export_dir, model_base / name, metrics, judge, describe)
+    return placement.chief_done(name, pushed)

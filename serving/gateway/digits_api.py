@@ -9,7 +9,7 @@ import numpy as np
 from flask import Blueprint, jsonify, request
 
 from serving.gateway import errors
-from serving.gateway.model_pin import read_pin
+from serving.gateway.model_pin import read_model, read_pin
 from serving.gateway.preprocess import decode_image, preprocess_drawing, preprocess_pixels
 from serving.gateway.state import gateway
 
@@ -21,9 +21,10 @@ def predict():
     settings = gateway().settings
     images = read_images(settings.max_images, settings.max_image_pixels)
     version, label = read_pin()
-    outputs, served = gateway().predict_digits(images, version, label)
+    model = read_model(gateway().digits_ladder) or settings.digits_model
+    outputs, served = gateway().predict_digits(images, version, label, model)
     probabilities = outputs["probabilities"]
-    return jsonify(model={"name": settings.digits_model, "version": served}, predictions=[
+    return jsonify(model={"name": model, "version": served}, predictions=[
         {"digit": int(digit), "confidence": round(float(p[digit]), 6),
          "probabilities": [round(float(x), 6) for x in p]}
         for digit, p in zip(outputs["digit"], probabilities, strict=True)])

@@ -1,4 +1,5 @@
-"""Optional model pinning, shared by every endpoint: a version or a label, with TF Serving's meaning."""
+"""Optional model pinning, shared by every endpoint: a version or a label, with TF Serving's meaning;
+and the choice of a digits model among the rungs of the ladder."""
 
 from __future__ import annotations
 
@@ -33,3 +34,25 @@ def read_pin() -> tuple[int | None, str | None]:
     if label is not None:
         errors.check_unicode(label, "label")
     return version, label
+
+
+def read_model(ladder: dict[str, str]) -> str | None:
+    """The digits model a request names with `model` (query string, JSON body or multipart form
+    field): a rung of `ladder` (bn, conv-dropout, ...) or the model it is served as; None when
+    it names none. An unknown one is a 404 that lists the known ones."""
+    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
+    value = request.args.get("model")
+    if value is None and isinstance(body, dict):
+        value = body.get("model")
+    if value is None and request.mimetype == "multipart/form-data":
+        value = request.form.get("model")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.bad_request("'model' must be a string: a rung of the ladder, such as bn")
+    if value in ladder:
+        return ladder[value]
+    if value in ladder.values():
+        return value
+    raise errors.ApiError(404, "unknown_model", f"no digits model {value[:100]!r}; the known ones: "
+                          f"{', '.join(ladder)} (or as served: {', '.join(ladder.values())})")

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 import grpc
@@ -22,6 +23,7 @@ from serving.gateway.model_servers import ModelServers
 from serving.tfserving.batching import DynamicBatcher
 
 Result = TypeVar("Result")
+BN = "bn"  # the top rung of the digits ladder: the batch-norm CNN, SCRIBE_DIGITS_MODEL
 
 
 @dataclass
@@ -33,6 +35,20 @@ class Gateway:
     generation_slots: threading.BoundedSemaphore  # SCRIBE_MAX_GENERATIONS at once
     digit_calls: DynamicBatcher | None  # coalesces digit requests into shared Predict calls
     servers: ModelServers  # each model server on its own, for /readyz and /v1/models
+
+    @cached_property
+    def required_models(self) -> list[str]:
+        """The models the endpoints call unless told otherwise: /readyz waits for these. The
+        ladder's lower rungs are optional (not available until `make ladder` trains them)."""
+        return [n for n in (self.settings.digits_model, self.settings.text_model) if n in self.model_names]
+
+    @cached_property
+    def digits_ladder(self) -> dict[str, str]:
+        """Rung -> served model, top rung first: "bn" is SCRIBE_DIGITS_MODEL, and every
+        <digits model>-<rung> of the model config is a lower rung (listed bottom-up there)."""
+        prefix = f"{self.settings.digits_model}-"
+        lower = [n for n in self.model_names if n.startswith(prefix)]
+        return {BN: self.settings.digits_model, **{n.removeprefix(prefix): n for n in reversed(lower)}}
 
     @classmethod
     def connect(cls, settings: Settings, model_names: list[str], metrics: ModelMetrics) -> Gateway:
@@ -48,10 +64,10 @@ class Gateway:
         """Requests that arrive while this process's digit calls are all in flight share the next
         call: a gRPC call costs the gateway and the model server more CPU than the CNN spends on an
         image. One that finds a call free goes at once (no timeout): coalescing never waits for
-        company, it only shares under load. Keyed by model pin."""
+        company, it only shares under load. Keyed by model and pin."""
         def call_digits(inputs, pin):
-            outputs, served = self.client.predict(self.settings.digits_model, inputs,
-                                                  version=pin[0], label=pin[1])
+            model, version, label = pin
+            outputs, served = self.client.predict(model, inputs, version=version, label=label)
             return {**outputs, "version": np.full(len(inputs["image"]), served)}
 
         return DynamicBatcher(call_digits, {
@@ -80,17 +96,18 @@ class Gateway:
         return self.model_call(model, bool(version or label), lambda: self.client.predict(
             model, inputs, version=version, label=label, signature=signature))
 
-    def predict_digits(self, images: np.ndarray, version: int | None,
-                       label: str | None) -> tuple[dict[str, np.ndarray], int]:
-        """Predict on the digits model, in a call shared with concurrent requests of the same pin
-        when coalescing is on."""
+    def predict_digits(self, images: np.ndarray, version: int | None, label: str | None,
+                       model: str | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Predict on a digits model (default SCRIBE_DIGITS_MODEL), in a call shared with
+        concurrent requests of the same model and pin when coalescing is on."""
+        model = model or self.settings.digits_model
         if self.digit_calls is None:
-            return self.predict(self.settings.digits_model, {"image": images}, version, label)
+            return self.predict(model, {"image": images}, version, label)
 
         def shared_call():
-            outputs = self.digit_calls.submit({"image": images}, key=(version, label))
+            outputs = self.digit_calls.submit({"image": images}, key=(model, version, label))
             return outputs, int(outputs.pop("version")[0])
-        return self.model_call(self.settings.digits_model, bool(version or label), shared_call)
+        return self.model_call(model, bool(version or label), shared_call)
 
     def close(self) -> None:
         if self.digit_calls is not None:

@@ -44,8 +44,9 @@ def models():
 
 @status.get("/readyz")
 def readyz():
-    """Ready while at least one model server has every configured model AVAILABLE: the gateway's
-    calls go to the servers that answer (model_client.py)."""
+    """Ready while at least one model server has every required model AVAILABLE (the digits and
+    text models; the ladder's lower rungs are optional): the gateway's calls go to the servers
+    that answer (model_client.py)."""
     model_reports, server_reports = fleet_report()
     ready = any(server["ready"] for server in server_reports)
     response = jsonify(ready=ready, models=model_reports, servers=server_reports)
@@ -59,7 +60,9 @@ def fleet_report() -> tuple[list[dict], list[dict]]:
     """Every model over all model servers, and every server's own answer, asked at once."""
     names = gateway().model_names
     servers = gateway().servers.reports(names)
-    return [model_report(name, servers) for name in names], [server_report(s, names) for s in servers]
+    required = gateway().required_models
+    return ([model_report(name, servers) for name in names],
+            [server_report(s, names, required) for s in servers])
 
 
 def model_report(name: str, servers: list[ServerReport]) -> dict:
@@ -80,10 +83,10 @@ def model_report(name: str, servers: list[ServerReport]) -> dict:
             "versions": newest.models[name], "servers": [s.address for s in serving]}
 
 
-def server_report(server: ServerReport, names: list[str]) -> dict:
-    """One model server: whether it answered, whether it serves every model, and which version of
-    each it serves (null: none)."""
-    report = {"address": server.address, "answered": server.answered, "ready": server.serves_all(names),
+def server_report(server: ServerReport, names: list[str], required: list[str]) -> dict:
+    """One model server: whether it answered, whether it serves every required model, and which
+    version of each model it serves (null: none)."""
+    report = {"address": server.address, "answered": server.answered, "ready": server.serves_all(required),
               "serving": {name: max(server.available(name), default=None) for name in names}}
     if not server.answered:
         report["reason"] = next(iter(server.errors.values()), "no answer")

@@ -6,6 +6,12 @@ const $ = (id) => document.getElementById(id);
 // ---- Models: which versions answer, and whether each is available -------------------------
 // A model not available yet (still training, say) is looked for every few seconds, and appears
 // here by itself once a version is pushed; no reload needed.
+// The digits ladder: "digits" is the top rung (the batch-norm CNN, what a drawing is read with);
+// "digits-<rung>" are the talk's lower rungs, listed bottom-up in the model config, optional
+// (`make ladder` trains them). Each available one reads every drawing too, shown side by side.
+const DIGITS = "digits";
+let lowerRungs = []; // available lower rungs, top first: [{rung, name, version}]
+
 async function refreshModels() {
   let waiting = true;
   try {
@@ -13,7 +19,9 @@ async function refreshModels() {
     const body = await response.json();
     $("models").innerHTML = "";
     $("models").className = "";
-    for (const model of body.models) {
+    const lower = body.models.filter((model) => model.name.startsWith(`${DIGITS}-`)).reverse();
+    const main = body.models.filter((model) => !model.name.startsWith(`${DIGITS}-`));
+    for (const model of main) {
       const span = document.createElement("span");
       span.textContent = model.available
         ? `${model.name} v${model.serving_version} `
@@ -21,7 +29,18 @@ async function refreshModels() {
       if (!model.available) span.className = "warn";
       $("models").appendChild(span);
     }
-    waiting = !body.models.every((model) => model.available);
+    lowerRungs = lower.filter((model) => model.available).map((model) => ({
+      rung: model.name.slice(DIGITS.length + 1), name: model.name, version: model.serving_version }));
+    if (lower.length) {
+      const span = document.createElement("span");
+      span.dataset.testid = "ladder-models";
+      const missing = lower.filter((model) => !model.available).map((model) => model.name.slice(DIGITS.length + 1));
+      span.textContent = "ladder: " + [
+        ...lowerRungs.map((model) => `${model.rung} v${model.version}`),
+        ...(missing.length ? [`not trained yet: ${missing.join(", ")} (make ladder)`] : [])].join(", ");
+      $("models").appendChild(span);
+    }
+    waiting = !main.every((model) => model.available);
   } catch (error) {
     $("models").textContent = "The model server cannot be reached.";
     $("models").className = "warn";
@@ -41,6 +60,7 @@ function clearCanvas() {
   pen.fillRect(0, 0, canvas.width, canvas.height);
   $("digit-result").textContent = "Draw a digit above.";
   $("bars").innerHTML = "";
+  $("ladder").innerHTML = "";
 }
 
 function point(event) {
@@ -78,23 +98,59 @@ $("upload").addEventListener("change", () => {
   if (file) predict(file);
 });
 
-async function predict(blob) {
-  const mine = ++predictions;
+// One drawing, read by a digits model (default: the top rung): the answer's JSON, or an error.
+async function readDigit(blob, model) {
   const form = new FormData();
   form.append("image", blob, "drawing.png");
+  const query = model ? `?model=${encodeURIComponent(model)}` : "";
+  const response = await fetch(`/v1/digits/predict${query}`, { method: "POST", body: form });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : `Error ${response.status}`);
+  return body;
+}
+
+async function predict(blob) {
+  const mine = ++predictions;
   $("digit-result").textContent = "Reading…";
-  try {
-    const response = await fetch("/v1/digits/predict", { method: "POST", body: form });
-    const body = await response.json();
-    if (mine !== predictions) return;
-    if (!response.ok) {
-      $("digit-result").textContent = body.error ? body.error.message : `Error ${response.status}`;
-      $("bars").innerHTML = "";
-      return;
+  const rungs = lowerRungs;
+  const answers = [readDigit(blob, null), ...rungs.map((model) => readDigit(blob, model.rung))];
+  const [top, ...lower] = await Promise.allSettled(answers);
+  if (mine !== predictions) return;
+  if (top.status === "rejected") {
+    $("digit-result").textContent = top.reason instanceof TypeError
+      ? "The gateway cannot be reached." : top.reason.message;
+    $("bars").innerHTML = "";
+    $("ladder").innerHTML = "";
+    return;
+  }
+  showPrediction(top.value.predictions[0], top.value.model);
+  showLadder([{ rung: "bn", answer: top }, ...rungs.map((model, i) => ({ rung: model.rung, answer: lower[i] }))]);
+}
+
+// Every rung's reading of the same drawing, top rung first; shown once a lower rung is trained.
+function showLadder(readings) {
+  const ladder = $("ladder");
+  ladder.innerHTML = "";
+  if (readings.length < 2) return;
+  for (const { rung, answer } of readings) {
+    const item = document.createElement("li");
+    item.dataset.rung = rung;
+    const name = document.createElement("span");
+    name.className = "rung";
+    name.textContent = rung;
+    item.appendChild(name);
+    if (answer.status === "fulfilled") {
+      const prediction = answer.value.predictions[0];
+      const digit = document.createElement("strong");
+      digit.textContent = prediction.digit;
+      item.dataset.digit = prediction.digit;
+      item.append(digit, ` ${(prediction.confidence * 100).toFixed(1)}%`);
+      item.title = `${answer.value.model.name} v${answer.value.model.version}`;
+    } else {
+      item.append(` ${answer.reason.message}`);
+      item.className = "warn";
     }
-    showPrediction(body.predictions[0], body.model);
-  } catch (error) {
-    if (mine === predictions) $("digit-result").textContent = "The gateway cannot be reached.";
+    ladder.appendChild(item);
   }
 }
 
