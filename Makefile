@@ -24,7 +24,7 @@ train: install
 	$(PY) -m training missing --profile cpu
 
 # The talk's lower rungs (softmax, dense, conv, conv-dropout), each with the talk's recipe, that
-# have no version yet (about 20 minutes on 2 cores); a running service shows them once pushed.
+# have no version yet (about 5 minutes on 2 cores); a running service shows them once pushed.
 ladder: install
 	$(PY) -m training ladder --profile cpu
 
