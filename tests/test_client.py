@@ -36,7 +36,8 @@ def test_client_class(gateway, tmp_path):
     drawing = tmp_path / "nine.png"
     draw_digit(9).save(drawing)
     assert client.predict_digit(drawing)["digit"] == 9
-    assert {m["name"]: m["available"] for m in client.models()} == {"digits": True, "bard": True}
+    available = {m["name"]: m["available"] for m in client.models()}
+    assert available["digits"] and available["bard"]
     with pytest.raises(ScribeError) as error:
         client.predict_digit(b"nope")
     assert error.value.status == 400

@@ -36,15 +36,16 @@ def test_two_logical_cpu_devices_train_the_quick_model_to_the_accuracy_of_one(tr
     assert pushed_versions(tmp_path / "models" / "digits") == [1]
 
 
-def start_workers(tmp_path: Path, *args: str) -> list[subprocess.Popen]:
+def start_workers(tmp_path: Path, *args: str, model_base: Path | None = None) -> list[subprocess.Popen]:
     """Two `python -m training digits` processes with TF_CONFIG naming both, on loopback."""
+    model_base = model_base or tmp_path / "models"
     cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
     processes = []
     for index in (1, 0):
         config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "training", "digits", "--profile", "quick", "--data", "mnist-5k",
-             "--model-base", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs"), *args],
+             "--model-base", str(model_base), "--runs-dir", str(tmp_path / "runs"), *args],
             cwd=ROOT, env={**os.environ, "TF_CONFIG": config}, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return processes[::-1]  # chief (worker 0) first
@@ -82,6 +83,16 @@ def test_a_worker_exits_with_the_chief_s_status_when_the_chief_does_not_push(tmp
     assert "not pushed" in chief_log and "the chief finished with exit status 3" in worker_log
     models = tmp_path / "models" / "digits"
     assert not models.exists() or pushed_versions(models) == []
+
+
+def test_when_the_chief_fails_after_training_the_worker_exits_with_its_failure(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("the chief cannot push under a file")
+    (chief, chief_log), (worker, worker_log) = finished(
+        start_workers(tmp_path, "--steps", "100", "--min-accuracy", "0", model_base=blocked))
+    assert chief == worker == 1, (chief_log[-2000:], worker_log[-2000:])
+    assert "the chief finished with exit status 1" in worker_log
+    assert blocked.read_text() == "the chief cannot push under a file"
 
 
 @pytest.mark.parametrize(("tf_config", "expected"), [

@@ -80,7 +80,7 @@ def test_gpus_are_requested_by_tf_serving_and_the_trainers_only_in_the_gpu_varia
             assert ("nvidia.com/gpu" in limits) == wants_gpu, (kind, object_name)
     serving = tf_serving(objects)["containers"][0]["image"]
     assert serving == ("tensorflow/serving:2.19.0-gpu" if name == "gpu" else "tensorflow/serving:2.19.0")
-    for job in ("trainer-digits", "trainer-bard"):
+    for job in ("trainer-digits", "trainer-bard", "trainer-ladder"):
         args = containers(objects["Job", job])[0]["args"]
         assert args[args.index("--profile") + 1] == ("gpu" if name == "gpu" else "cpu")
 
@@ -91,15 +91,17 @@ def test_the_trainers_write_where_tf_serving_reads(variant):
     claim = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in serving["volumes"]}
     read = {m["mountPath"]: claim[m["name"]] for m in serving["containers"][0]["volumeMounts"]}
     assert objects["PersistentVolumeClaim", "models"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    for job in ("trainer-digits", "trainer-bard"):
+    served = config_files(objects)["models.config"]
+    rungs = [f"digits-{rung}" for rung in ("softmax", "dense", "conv", "conv-dropout")]
+    for job, names in (("trainer-digits", ["digits"]), ("trainer-bard", ["bard"]), ("trainer-ladder", rungs)):
         spec = objects["Job", job]["spec"]["template"]["spec"]
         args = spec["containers"][0]["args"]
         base = args[args.index("--model-base") + 1]
         mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
         volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
         assert read[base] == volumes[mounts[base]] == "models"
-        name = job.removeprefix("trainer-")  # the job pushes <base>/<name>/<N>, the config serves it
-        assert f'base_path: "{base}/{name}"' in config_files(objects)["models.config"]
+        for name in names:  # the job pushes <base>/<name>/<N>, the config serves it
+            assert f'base_path: "{base}/{name}"' in served
 
 
 def config_files(objects: dict) -> dict:

@@ -41,7 +41,7 @@ def test_make_run_serves_at_once_trains_beside_it_and_ctrl_c_stops_everything(tr
             try:
                 models_now = {m["name"]: m["available"] for m in
                               requests.get(url + "/v1/models", timeout=10).json()["models"]}
-                if models_now == {"digits": True, "bard": True}:
+                if models_now["digits"] and models_now["bard"]:  # make run trains no lower rung
                     break
             except requests.ConnectionError:
                 pass

@@ -162,37 +162,38 @@ def run(profile: str, corpus: str, model_base: Path, runs_dir: Path, steps: int 
     model, history, clock = fit(cfg, len(alphabet), train_ids, val_ids, run_dir, placement)
     if not placement.cluster.is_chief:
         return placement.worker_done(NAME)
-    model = placement.plain(model, lambda: build_model(len(alphabet), cfg))
-    plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
+    with placement.chief(NAME) as outcome:
+        model = placement.plain(model, lambda: build_model(len(alphabet), cfg))
+        plot_curves(history.history, cfg["eval_every"], run_dir / "curves.png")
 
-    export_dir = run_dir / "export"
-    export(model, alphabet, export_dir)
-    pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]),
-                                        **generation_inputs(1, 40, seed=7)}, ["text", "state"])
-    val_loss = evaluate_saved_model(export_dir, data.validation)
+        export_dir = run_dir / "export"
+        export(model, alphabet, export_dir)
+        pipeline.verify_export(export_dir, {"prompt": np.array([b"ROMEO:"]),
+                                            **generation_inputs(1, 40, seed=7)}, ["text", "state"])
+        val_loss = evaluate_saved_model(export_dir, data.validation)
 
-    def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
-        baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
-        return ({"baseline_validation_loss_nats": baseline},
-                pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
-                               max_regression=MAX_REGRESSION, higher_is_better=False))
+        def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
+            baseline = None if baseline_dir is None else evaluate_saved_model(baseline_dir, data.validation)
+            return ({"baseline_validation_loss_nats": baseline},
+                    pipeline.bless("validation loss (nats/char)", val_loss, baseline, threshold=threshold,
+                                   max_regression=MAX_REGRESSION, higher_is_better=False))
 
-    sample = sample_text(export_dir)
-    (run_dir / "sample.txt").write_text(sample)
-    metrics = {
-        "model": NAME, "profile": profile, "settings": cfg, "corpus": data.source,
-        "distribution": placement.how,
-        "validation": data.validation_source, "alphabet_size": len(alphabet),
-        "train_characters": len(data.train), "validation_characters": len(data.validation),
-        "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
-        "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / clock.seconds),
-        "validation_loss_nats": val_loss, "validation_bits_per_char": val_loss / math.log(2),
-        "sample": sample, "history": history.history,
-    }
-    describe = (f"validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits) "
-                f"on {data.validation_source}")
-    pushed = pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
-    return placement.chief_done(NAME, pushed)
+        sample = sample_text(export_dir)
+        (run_dir / "sample.txt").write_text(sample)
+        metrics = {
+            "model": NAME, "profile": profile, "settings": cfg, "corpus": data.source,
+            "distribution": placement.how,
+            "validation": data.validation_source, "alphabet_size": len(alphabet),
+            "train_characters": len(data.train), "validation_characters": len(data.validation),
+            "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
+            "characters_per_second": round(cfg["steps"] * cfg["batch"] * cfg["seq_len"] / clock.seconds),
+            "validation_loss_nats": val_loss, "validation_bits_per_char": val_loss / math.log(2),
+            "sample": sample, "history": history.history,
+        }
+        describe = (f"validation loss {val_loss:.3f} nats/char ({val_loss / math.log(2):.3f} bits) "
+                    f"on {data.validation_source}")
+        outcome.code = pipeline.finish(NAME, run_dir, export_dir, model_base / NAME, metrics, judge, describe)
+    return outcome.code
 
 
 def sample_text(export_dir: Path, prompt: bytes = b"ROMEO:", chars: int = 300) -> str:

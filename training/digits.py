@@ -360,36 +360,37 @@ def run(profile: str, data: str, model_base: Path, runs_dir: Path, steps: int | 
     model, history, clock, curve = fit(settings, splits, run_dir, placement)
     if not placement.cluster.is_chief:
         return placement.worker_done(name)
-    for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
-        point["train_seconds"] = seconds
-    plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
+    with placement.chief(name) as outcome:
+        for point, seconds in zip(curve.points, clock.at_epoch_end, strict=True):
+            point["train_seconds"] = seconds
+        plot_curves(history.history, settings["eval_every"], run_dir / "curves.png")
 
-    export_dir = run_dir / "export"
-    export(placement.plain(model, lambda: network(rung)), export_dir, splits.x_val[:64], name)
-    pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
-                           ["probabilities", "digit"])
-    pipeline.verify_export(export_dir, {}, ["classes", "scores"], "classification",
-                           f"inputs=[{{'image':{splits.x_test[0].ravel().round(4).tolist()}}}]")
-    test_accuracy = accuracy_of_export(export_dir, splits.x_test, splits.y_test)
+        export_dir = run_dir / "export"
+        export(placement.plain(model, lambda: network(rung)), export_dir, splits.x_val[:64], name)
+        pipeline.verify_export(export_dir, {"image": splits.x_test[:2]},
+                               ["probabilities", "digit"])
+        pipeline.verify_export(export_dir, {}, ["classes", "scores"], "classification",
+                               f"inputs=[{{'image':{splits.x_test[0].ravel().round(4).tolist()}}}]")
+        test_accuracy = accuracy_of_export(export_dir, splits.x_test, splits.y_test)
 
-    def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
-        baseline = (None if baseline_dir is None
-                    else accuracy_of_export(baseline_dir, splits.x_test, splits.y_test))
-        return ({"baseline_test_accuracy": baseline},
-                pipeline.bless("test accuracy", test_accuracy, baseline, threshold=threshold,
-                               max_regression=MAX_REGRESSION))
+        def judge(baseline_dir: Path | None) -> tuple[dict, pipeline.Blessing]:
+            baseline = (None if baseline_dir is None
+                        else accuracy_of_export(baseline_dir, splits.x_test, splits.y_test))
+            return ({"baseline_test_accuracy": baseline},
+                    pipeline.bless("test accuracy", test_accuracy, baseline, threshold=threshold,
+                                   max_regression=MAX_REGRESSION))
 
-    metrics = {
-        "model": name, "profile": profile, "settings": settings, "data": splits.source,
-        "distribution": placement.how,
-        "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
-        "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
-        "images_per_second": round(settings["steps"] * settings["batch"] / clock.seconds, 1),
-        # Recorded after each interval for time-to-accuracy figures; nothing in training reads it.
-        "test_accuracy_curve": curve.points,
-        "validation_accuracy": history.history["val_accuracy"][-1],
-        "test_accuracy": test_accuracy, "history": history.history,
-    }
-    describe = f"test accuracy {test_accuracy:.2%} on {len(splits.x_test)} {splits.source} digits"
-    pushed = pipeline.finish(name, run_dir, export_dir, model_base / name, metrics, judge, describe)
-    return placement.chief_done(name, pushed)
+        metrics = {
+            "model": name, "profile": profile, "settings": settings, "data": splits.source,
+            "distribution": placement.how,
+            "train_examples": len(splits.x_train), "test_examples": len(splits.x_test),
+            "train_seconds": round(clock.seconds, 1),  # training steps only, validation excluded
+            "images_per_second": round(settings["steps"] * settings["batch"] / clock.seconds, 1),
+            # Recorded after each interval for time-to-accuracy figures; nothing in training reads it.
+            "test_accuracy_curve": curve.points,
+            "validation_accuracy": history.history["val_accuracy"][-1],
+            "test_accuracy": test_accuracy, "history": history.history,
+        }
+        describe = f"test accuracy {test_accuracy:.2%} on {len(splits.x_test)} {splits.source} digits"
+        outcome.code = pipeline.finish(name, run_dir, export_dir, model_base / name, metrics, judge, describe)
+    return outcome.code

@@ -18,13 +18,16 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-# How long workers wait for the chief to export, verify, bless and push after training.
-CHIEF_WAIT_MS = 2 * 60 * 60 * 1000
+# How long the tasks wait for each other at the end, once the chief said how its run ended.
+CHIEF_WAIT_MS = 10 * 60 * 1000
+EXIT_FAILED = 1  # pipeline.EXIT_FAILED (pipeline imports TensorFlow's helpers; this module stays light)
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,18 @@ class Placement:
         print(f"{name}: the chief finished with exit status {code}", flush=True)
         return code
 
-    def chief_done(self, name: str, code: int) -> int:
-        """The chief's end, once it pushed (or not): tells the workers, then every task exits
-        together (a task that leaves first reads to the others as a crash)."""
-        if self.cluster.tasks > 1:
-            self._at_the_end(name, code)
-        return code
+    @contextmanager
+    def chief(self, name: str):
+        """The chief's work after training, as `with placement.chief(name) as outcome:` setting
+        outcome.code. Its exit status reaches the workers whatever happens (a failure is
+        EXIT_FAILED to them), then every task exits together (a task that leaves first reads to
+        the others as a crash)."""
+        outcome = SimpleNamespace(code=EXIT_FAILED)
+        try:
+            yield outcome
+        finally:
+            if self.cluster.tasks > 1:
+                self._at_the_end(name, outcome.code)
 
     def _at_the_end(self, name: str, code: int | None) -> str:
         """The chief's exit status, through the coordination service's key-value store, and a

@@ -48,8 +48,8 @@ def read_model(ladder: dict[str, str]) -> str | None:
         value = request.form.get("model")
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise errors.bad_request("'model' must be a string: a rung of the ladder, such as bn")
+    if not isinstance(value, str) or not value:
+        raise errors.bad_request("'model' must be a non-empty string: a rung of the ladder, such as bn")
     if value in ladder:
         return ladder[value]
     if value in ladder.values():

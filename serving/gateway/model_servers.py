@@ -2,7 +2,8 @@
 
 Predict calls go through one round_robin channel (model_client.py), which hides which server
 answered. /readyz and /v1/models must not: with three TF Serving replicas, one of them still
-loading or dead is worth showing, and the gateway is ready while at least one has every model.
+loading or dead is worth showing, and the gateway is ready while at least one has the models the
+endpoints call by default.
 So the status asks every address the target names over its own channel, with no retries, all at
 once. A target that names one server (host:port, unix:PATH) is one server, whatever gRPC does with
 the addresses its name resolves to."""
@@ -20,6 +21,9 @@ from serving.gateway.config import channel_target
 from serving.gateway.model_client import ModelClient
 
 DNS = "dns:///"
+# A status call's deadline: a server that does not answer within it (blackholed, a dead node)
+# counts as not answering, and /readyz still answers within a probe's timeout.
+STATUS_TIMEOUT_SECONDS = 2.0
 NO_VERSION = "no version loaded"
 
 
@@ -57,22 +61,32 @@ class ServerReport:
         return [v["version"] for v in self.models.get(model, []) if v["state"] == "AVAILABLE"]
 
     def serves_all(self, names: list[str]) -> bool:
-        return all(self.available(name) for name in names)
+        return self.answered and all(self.available(name) for name in names)
 
 
 class ModelServers:
     """A channel per model server, kept while its address is named, for status calls only."""
 
     def __init__(self, target: str, timeout: float):
-        self.target, self.timeout = target, timeout
+        self.target, self.timeout = target, min(timeout, STATUS_TIMEOUT_SECONDS)
         self.clients: dict[str, ModelClient] = {}
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="model-server-status")
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="model-server-status")
 
     def reports(self, names: list[str]) -> list[ServerReport]:
-        """Every named server's answer about `names`, asked at once."""
+        """Every named server's answer about `names`: every (server, model) asked at once, so the
+        answer takes one status call's time at most."""
         clients = self._clients(server_addresses(self.target))
-        return list(self.pool.map(lambda item: self._report(*item, names), clients.items()))
+        asked = {(address, name): self.pool.submit(self._status, client, name)
+                 for address, client in clients.items() for name in names}
+        reports = {address: ServerReport(address) for address in clients}
+        for (address, name), answer in asked.items():
+            versions, error = answer.result()
+            if error is None:
+                reports[address].models[name] = versions
+            else:
+                reports[address].errors[name] = error
+        return list(reports.values())
 
     def _clients(self, addresses: list[str]) -> dict[str, ModelClient]:
         with self.lock:
@@ -84,15 +98,13 @@ class ModelServers:
             return {address: self.clients[address] for address in addresses}
 
     @staticmethod
-    def _report(address: str, client: ModelClient, names: list[str]) -> ServerReport:
-        report = ServerReport(address)
-        for name in names:
-            try:
-                report.models[name] = client.status(name)
-            except grpc.RpcError as error:
-                report.errors[name] = (NO_VERSION if error.code() == grpc.StatusCode.NOT_FOUND
-                                       else f"model server: {error.code().name.lower()}")
-        return report
+    def _status(client: ModelClient, name: str) -> tuple[list[dict], str | None]:
+        """(the model's versions, None), or ([], why the server gave none)."""
+        try:
+            return client.status(name), None
+        except grpc.RpcError as error:
+            return [], (NO_VERSION if error.code() == grpc.StatusCode.NOT_FOUND
+                        else f"model server: {error.code().name.lower()}")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

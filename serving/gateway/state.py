@@ -38,9 +38,11 @@ class Gateway:
 
     @cached_property
     def required_models(self) -> list[str]:
-        """The models the endpoints call unless told otherwise: /readyz waits for these. The
-        ladder's lower rungs are optional (not available until `make ladder` trains them)."""
-        return [n for n in (self.settings.digits_model, self.settings.text_model) if n in self.model_names]
+        """The models the endpoints call unless told otherwise: /readyz waits for these (every
+        configured model if the config names neither). The ladder's lower rungs are optional (not
+        available until `make ladder` trains them)."""
+        defaults = (self.settings.digits_model, self.settings.text_model)
+        return [n for n in defaults if n in self.model_names] or list(self.model_names)
 
     @cached_property
     def digits_ladder(self) -> dict[str, str]:

@@ -47,7 +47,7 @@ def readyz():
     """Ready while at least one model server has every required model AVAILABLE (the digits and
     text models; the ladder's lower rungs are optional): the gateway's calls go to the servers
     that answer (model_client.py)."""
-    model_reports, server_reports = fleet_report()
+    model_reports, server_reports = fleet_report(gateway().required_models)
     ready = any(server["ready"] for server in server_reports)
     response = jsonify(ready=ready, models=model_reports, servers=server_reports)
     if not ready:
@@ -56,9 +56,10 @@ def readyz():
     return response
 
 
-def fleet_report() -> tuple[list[dict], list[dict]]:
-    """Every model over all model servers, and every server's own answer, asked at once."""
-    names = gateway().model_names
+def fleet_report(names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """`names` (default: every configured model) over all model servers, and every server's own
+    answer, asked at once."""
+    names = names or gateway().model_names
     servers = gateway().servers.reports(names)
     required = gateway().required_models
     return ([model_report(name, servers) for name in names],

@@ -56,6 +56,7 @@ let drawing = false;
 let predictions = 0; // answers to older strokes are ignored when a newer one is on its way
 
 function clearCanvas() {
+  predictions++; // an answer still on its way belongs to the drawing just cleared
   pen.fillStyle = "#fff";
   pen.fillRect(0, 0, canvas.width, canvas.height);
   $("digit-result").textContent = "Draw a digit above.";
@@ -112,19 +113,27 @@ async function readDigit(blob, model) {
 async function predict(blob) {
   const mine = ++predictions;
   $("digit-result").textContent = "Reading…";
+  $("ladder").innerHTML = "";
   const rungs = lowerRungs;
-  const answers = [readDigit(blob, null), ...rungs.map((model) => readDigit(blob, model.rung))];
-  const [top, ...lower] = await Promise.allSettled(answers);
-  if (mine !== predictions) return;
-  if (top.status === "rejected") {
-    $("digit-result").textContent = top.reason instanceof TypeError
-      ? "The gateway cannot be reached." : top.reason.message;
+  // Every rung reads the drawing at once; the top rung's answer is shown as soon as it comes,
+  // the ladder once every rung has answered.
+  const top = readDigit(blob, null);
+  const lower = Promise.allSettled(rungs.map((model) => readDigit(blob, model.rung)));
+  let first;
+  try {
+    first = await top;
+  } catch (error) {
+    if (mine !== predictions) return;
+    $("digit-result").textContent = error instanceof TypeError ? "The gateway cannot be reached." : error.message;
     $("bars").innerHTML = "";
-    $("ladder").innerHTML = "";
     return;
   }
-  showPrediction(top.value.predictions[0], top.value.model);
-  showLadder([{ rung: "bn", answer: top }, ...rungs.map((model, i) => ({ rung: model.rung, answer: lower[i] }))]);
+  if (mine !== predictions) return;
+  showPrediction(first.predictions[0], first.model);
+  const answers = await lower;
+  if (mine !== predictions) return;
+  showLadder([{ rung: "bn", answer: { status: "fulfilled", value: first } },
+              ...rungs.map((model, i) => ({ rung: model.rung, answer: answers[i] }))]);
 }
 
 // Every rung's reading of the same drawing, top rung first; shown once a lower rung is trained.
