@@ -27,7 +27,7 @@ def batching_server(trained, trained_bard, tmp_path_factory):
                                     # within it, also on a slow, busy machine
                                     "max_batch_size": 64, "batch_timeout_micros": 200_000,
                                     "num_batch_threads": 1})
-    assert server.manager.wait_until_available(timeout=120)
+    assert server.manager.wait_until_available(["digits", "bard"], timeout=120)
     yield server
     server.stop()
 

@@ -310,7 +310,7 @@ def test_model_server_timeout_is_504(gateway, tmp_path):
                        batching_config=str(slow), warmup_iterations=1)
     try:
         # A guard against a hang, not a speed limit: loading takes seconds.
-        assert live.embedded.manager.wait_until_available(timeout=300)
+        assert live.embedded.manager.wait_until_available(["digits", "bard"], timeout=300)
         response = predict(live, files={"image": png_bytes(draw_digit(1))})
         assert response.status_code == 504 and response.json()["error"]["code"] == "model_timeout"
         text = requests.post(live.url + "/v1/text/generate", json={"prompt": "A", "max_chars": 2000},
