@@ -238,7 +238,7 @@ def test_config_files_are_read_in_full_text_format(tmp_path):
     with pytest.raises(ValueError, match="Error parsing text-format tensorflow.serving.BatchingParameters"):
         read_batching_parameters(batching)
     assert [m.name for m in read_model_config(ROOT / "serving" / "models.config").model_config_list.config] \
-        == ["digits", "bard"]
+        == ["digits", "digits-softmax", "digits-dense", "digits-conv", "digits-conv-dropout", "bard"]
 
 
 def test_a_bad_model_config_is_tf_serving_s_error_and_a_failed_start(tmp_path):
