@@ -297,6 +297,29 @@ def gateway(trained, trained_bard, tmp_path_factory):
     live.close()
 
 
+@pytest.fixture(scope="session")
+def ladder(trained, trained_bard, tmp_path_factory):
+    """`python -m training ladder --profile quick` into a base that has digits and bard already,
+    served by one gateway: (the gateway, the model base, the runs folder, the command's output)."""
+    from training.ladder import LOWER_RUNGS
+    from training.ladder import model_name as ladder_model_name
+
+    base = tmp_path_factory.mktemp("ladder") / "models"
+    copy_model_base(trained, base)
+    copy_model_base(trained_bard, base)
+    runs = base.parent / "runs"
+    result = run_training("ladder", "--profile", "quick", "--data", "mnist-5k", "--model-base", str(base),
+                          "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    live = LiveGateway(base)
+    for rung in LOWER_RUNGS:
+        live.wait_for_model(ladder_model_name(rung))
+    live.wait_for_model("digits")
+    live.wait_for_model("bard")
+    yield live, base, runs, result.stdout
+    live.close()
+
+
 def wait_for_readyz(url: str, status: int, timeout: float,
                     request_timeout: float = 10) -> tuple[float, float | None]:
     """Poll /readyz until it answers `status`. Returns when it did, and when it first showed

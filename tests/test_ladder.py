@@ -1,45 +1,18 @@
 """The talk's ladder, served side by side: `python -m training ladder` trains each lower rung as
 its own model (digits-<rung>), the model config serves them beside digits and bard, the digits
-endpoint reads a drawing with the rung a request names, and the page shows every trained rung's
-reading of one drawing, the top rung first."""
+endpoint reads a drawing with the rung a request names (the page's side-by-side view is tested in
+Chromium in test_page.py). The `ladder` fixture is in conftest.py."""
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
-from pathlib import Path
 
-import pytest
 import requests
-from conftest import ROOT, LiveGateway, copy_model_base, run_training
 from drawings import draw_digit, png_bytes
-from test_page import CHROMIUM, stroke
 
 from serving.tfserving.versions import WARMUP_FILE, pushed_versions
 from training.ladder import LOWER_RUNGS, model_name
-
-SHOTS = ROOT / "test-output" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def ladder(trained, trained_bard, tmp_path_factory):
-    """`python -m training ladder --profile quick` into a base that has digits and bard already,
-    served by one gateway."""
-    base = tmp_path_factory.mktemp("ladder") / "models"
-    copy_model_base(trained, base)
-    copy_model_base(trained_bard, base)
-    runs = base.parent / "runs"
-    result = run_training("ladder", "--profile", "quick", "--data", "mnist-5k", "--model-base", str(base),
-                          "--runs-dir", str(runs))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    live = LiveGateway(base)
-    for rung in LOWER_RUNGS:
-        live.wait_for_model(model_name(rung))
-    live.wait_for_model("digits")
-    live.wait_for_model("bard")
-    yield live, base, runs, result.stdout
-    live.close()
 
 
 def test_the_ladder_command_trains_each_lower_rung_as_its_own_model(ladder):
@@ -127,31 +100,3 @@ def test_a_rung_not_trained_yet_is_unavailable_and_the_service_ready_without_it(
     assert requests.get(gateway.url + "/readyz", timeout=10).status_code == 200
     reports = {m["name"]: m for m in requests.get(gateway.url + "/v1/models", timeout=10).json()["models"]}
     assert not reports["digits-conv"]["available"] and reports["digits"]["available"]
-
-
-@pytest.mark.skipif(shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists(),
-                    reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_the_page_shows_every_trained_rung_reading_one_drawing_top_rung_first(ladder):
-    from playwright.sync_api import sync_playwright
-
-    live, *_ = ladder
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1000, "height": 900})
-        page.goto(live.url + "/")
-        page.get_by_test_id("ladder-models").filter(has_text="softmax v1").wait_for()
-        header = page.get_by_test_id("ladder-models").inner_text()
-        assert header == "ladder: conv-dropout v1, conv v1, dense v1, softmax v1"
-        stroke(page, [(50, 15), (52, 85)])
-        page.locator("#ladder li").nth(4).wait_for()
-        rungs = page.locator("#ladder li").evaluate_all("items => items.map(i => i.dataset.rung)")
-        assert rungs == ["bn", "conv-dropout", "conv", "dense", "softmax"]
-        digits = page.locator("#ladder li").evaluate_all("items => items.map(i => i.dataset.digit)")
-        assert all(d is not None and d.isdigit() for d in digits), digits
-        assert digits[0] == page.get_by_test_id("digit-result").get_attribute("data-digit") == "1"
-        page.screenshot(path=SHOTS / "08-ladder.png")
-        page.get_by_test_id("clear").click()
-        assert page.locator("#ladder li").count() == 0
-        browser.close()

@@ -225,3 +225,25 @@ def test_a_model_pushed_while_the_page_is_open_appears_by_itself(browser, traine
         page.close()
     finally:
         live.close()
+
+
+def test_the_page_shows_every_trained_rung_reading_one_drawing_top_rung_first(browser, ladder):
+    live, *_ = ladder
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    try:
+        page.goto(live.url + "/")
+        page.get_by_test_id("ladder-models").filter(has_text="softmax v1").wait_for()
+        header = page.get_by_test_id("ladder-models").inner_text()
+        assert header == "ladder: conv-dropout v1, conv v1, dense v1, softmax v1"
+        stroke(page, [(50, 15), (52, 85)])
+        page.locator("#ladder li").nth(4).wait_for()
+        rungs = page.locator("#ladder li").evaluate_all("items => items.map(i => i.dataset.rung)")
+        assert rungs == ["bn", "conv-dropout", "conv", "dense", "softmax"]
+        digits = page.locator("#ladder li").evaluate_all("items => items.map(i => i.dataset.digit)")
+        assert all(d is not None and d.isdigit() for d in digits), digits
+        assert digits[0] == page.get_by_test_id("digit-result").get_attribute("data-digit") == "1"
+        page.screenshot(path=SHOTS / "08-ladder.png")
+        page.get_by_test_id("clear").click()
+        assert page.locator("#ladder li").count() == 0
+    finally:
+        page.close()

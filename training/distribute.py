@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from training.pipeline import EXIT_FAILED, make_run_dir
+
 # How long the tasks wait for each other at the end, once the chief said how its run ended.
 CHIEF_WAIT_MS = 10 * 60 * 1000
-EXIT_FAILED = 1  # pipeline.EXIT_FAILED (pipeline imports TensorFlow's helpers; this module stays light)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,6 @@ class Placement:
 
     def run_dir(self, runs_dir: Path, name: str) -> Path:
         """The chief's new runs/<name>/<time>/; a worker's logs go to a temporary folder."""
-        from training.pipeline import make_run_dir
-
         if self.cluster.is_chief:
             return make_run_dir(runs_dir, name)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"{name}-{self.cluster.task_type}-"))
